@@ -1,0 +1,30 @@
+"""subfit: SubFit post-training compression of decoder LLMs, and a fast runtime for the result."""
+from setuptools import find_packages, setup
+
+setup(
+    name="subfit",
+    version="0.1.0",
+    description="Submodule-level compression with fitted residual bypasses, plus Triton kernels to run it fast",
+    long_description=open("README.md", encoding="utf-8").read(),
+    long_description_content_type="text/markdown",
+    python_requires=">=3.10",
+    packages=find_packages(include=["subfit", "subfit.*", "subfit_kernels", "subfit_kernels.*"]),
+    # torch is a lower bound only: an installed torch (CPU wheel here, the user's CUDA build on a
+    # GPU machine) always satisfies it, so pip never swaps it for another build.
+    install_requires=[
+        "torch>=2.4",
+        "triton>=3.0",
+        "transformers>=4.45",
+        "accelerate>=0.30",
+        "gguf>=0.10",
+        "datasets>=2.19",
+        "safetensors>=0.4",
+        "tqdm>=4.66",
+        "rich>=13",
+    ],
+    extras_require={
+        "dev": ["pytest>=8", "pytest-benchmark>=4", "matplotlib>=3.7"],
+        "eval": ["lm-eval>=0.4"],
+    },
+    entry_points={"console_scripts": ["subfit=subfit.cli:main"]},
+)
