@@ -1,0 +1,97 @@
+"""Calibration data: N sequences of L tokens, seeded, from a text file, a dataset, or the model.
+
+Too little text for the request is an error, never a silently shorter run: the quality of every
+fit depends on how many tokens it saw.
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import torch
+
+SELF = "self"
+
+
+class CalibrationError(ValueError):
+    """The calibration request cannot be met as asked."""
+
+
+def read_text(path: str | os.PathLike) -> str:
+    """A text file with line endings normalised (WikiText ships CRLF)."""
+    path = Path(path)
+    if not path.is_file():
+        raise CalibrationError(f"Text file {path} does not exist.")
+    return path.read_text(encoding="utf-8", errors="replace").replace("\r\n", "\n").replace("\r", "\n")
+
+
+def tokenize_stream(tokenizer, text: str) -> torch.Tensor:
+    """One long token stream; documents (blank-line separated) joined with EOS when there is one."""
+    docs = [d.strip() for d in text.split("\n\n") if d.strip()]
+    ids: list[int] = []
+    sep = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
+    for encoded in tokenizer(docs, add_special_tokens=False)["input_ids"]:
+        ids.extend(encoded + sep)
+    return torch.tensor(ids, dtype=torch.long)
+
+
+def sample_windows(stream: torch.Tensor, n: int, length: int, seed: int, what: str) -> torch.Tensor:
+    """N distinct, non-overlapping windows of `length` tokens, chosen at random (seeded)."""
+    available = stream.numel() // length
+    if available < n:
+        raise CalibrationError(
+            f"{what} holds {stream.numel():,} tokens = {available} sequences of {length} tokens, but {n} were "
+            f"asked for ({n * length:,} tokens). Give more text, or lower --calib-samples / --calib-len."
+        )
+    gen = torch.Generator().manual_seed(seed)
+    starts = torch.randperm(available, generator=gen)[:n].sort().values * length
+    return torch.stack([stream[s:s + length] for s in starts.tolist()])
+
+
+def from_text_file(tokenizer, path, n: int, length: int, seed: int = 0) -> torch.Tensor:
+    return sample_windows(tokenize_stream(tokenizer, read_text(path)), n, length, seed, f"Calibration file {path}")
+
+
+def from_dataset(tokenizer, spec: str, n: int, length: int, seed: int = 0, text_field: str = "text") -> torch.Tensor:
+    """`spec` is `ID[:CONFIG[:SPLIT]]` for `datasets.load_dataset` (needs network or a local cache)."""
+    from datasets import load_dataset
+
+    name, config, split = (spec.split(":") + [None, None])[:3]
+    data = load_dataset(name, config or None, split=split or "train")
+    if text_field not in data.column_names:
+        raise CalibrationError(f"Dataset {spec} has no column {text_field!r}; its columns are {data.column_names}.")
+    text = "\n\n".join(t for t in data[text_field] if t and t.strip())
+    return sample_windows(tokenize_stream(tokenizer, text), n, length, seed, f"Dataset {spec}")
+
+
+@torch.no_grad()
+def from_model(model, tokenizer, n: int, length: int, seed: int = 0, batch_size: int = 32) -> torch.Tensor:
+    """Sequences sampled from the model itself (temperature 1, from BOS): no data download at all."""
+    start = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
+    device = next(model.parameters()).device
+    torch.manual_seed(seed)
+    batches = []
+    for first in range(0, n, batch_size):
+        rows = min(batch_size, n - first)
+        prompt = torch.full((rows, 1), start, dtype=torch.long, device=device)
+        out = model.generate(
+            prompt, do_sample=True, temperature=1.0, top_k=0, top_p=1.0, max_new_tokens=length - 1,
+            min_new_tokens=length - 1, pad_token_id=start, eos_token_id=None,
+        )
+        batches.append(out[:, :length].cpu())
+    return torch.cat(batches)
+
+
+def load_calibration(source: str | None, model, tokenizer, n: int, length: int, seed: int = 0) -> torch.Tensor:
+    """Dispatch on the source: None/'self' (sampled from the model), `hf:ID[:CONFIG[:SPLIT]]`, or a file."""
+    if n < 1 or length < 2:
+        raise CalibrationError(f"Calibration needs at least 1 sequence of at least 2 tokens; got {n} x {length}.")
+    if source is None or source == SELF:
+        return from_model(model, tokenizer, n, length, seed)
+    if source.startswith("hf:"):
+        return from_dataset(tokenizer, source[3:], n, length, seed)
+    return from_text_file(tokenizer, source, n, length, seed)
+
+
+def describe(source: str | None, ids: torch.Tensor, seed: int) -> dict:
+    return {"source": source or SELF, "samples": ids.shape[0], "length": ids.shape[1], "seed": seed}

@@ -1,0 +1,192 @@
+"""Evaluation: perplexity, zero-shot multiple choice (lm-evaluation-harness semantics), and
+agreement of next-token distributions with the dense model.
+
+Every metric takes a `LogitsFn` (`input_ids [B, T] -> logits [B, T, V]`, right padding allowed),
+so the dense model, a plan's reference executor and the runtime are scored by one code path.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+from pathlib import Path
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+from subfit.calibration import read_text
+
+LogitsFn = Callable[[torch.Tensor], torch.Tensor]
+TASK_FORMATS = ("query/choices/gold", "context_options/continuation/gold", "context/continuation")
+
+
+def text_tokens(tokenizer, path: str | os.PathLike, max_tokens: int | None = None) -> torch.Tensor:
+    """The whole file as one stream (tokenizer's own BOS handling; CRLF normalised)."""
+    ids = torch.tensor(tokenizer(read_text(path))["input_ids"], dtype=torch.long)
+    return ids[:max_tokens] if max_tokens else ids
+
+
+def _windows(n_tokens: int, window: int, stride: int):
+    """(begin, end, first) of rolling windows as in the Hugging Face perplexity recipe: windows
+    start every `stride` tokens, and in each only the tokens not scored before count (logits from
+    index `first` on), so overlapping windows give later tokens extra context."""
+    scored_until = 0
+    for begin in range(0, n_tokens - 1, stride):
+        end = min(begin + window, n_tokens)
+        yield begin, end, max(scored_until - begin, 1) - 1
+        scored_until = end
+        if end == n_tokens:
+            break
+
+
+@torch.no_grad()
+def perplexity(
+    logits_fn: LogitsFn,
+    ids: torch.Tensor,
+    *,
+    window: int = 1024,
+    stride: int | None = None,
+    dense_fn: LogitsFn | None = None,
+    progress: bool = True,
+) -> dict:
+    """Perplexity of a token stream; with `dense_fn`, also KL(dense || model) and top-1 agreement."""
+    stride = stride or window
+    if not 0 < stride <= window:
+        raise ValueError(f"stride={stride} must be in 1..window ({window}).")
+    if ids.numel() < 2:
+        raise ValueError("The text has fewer than 2 tokens: nothing to score.")
+    nll, count, kl, agree = 0.0, 0, 0.0, 0
+    spans = list(_windows(ids.numel(), window, stride))
+    for start, end, first in tqdm(spans, desc="perplexity", disable=not progress, leave=False):
+        chunk = ids[start:end][None]
+        logits = logits_fn(chunk)[0, first:-1].float()
+        targets = chunk[0, first + 1:]
+        logp = F.log_softmax(logits, -1)
+        nll -= float(logp.gather(-1, targets[:, None]).sum())
+        count += targets.numel()
+        if dense_fn is not None:
+            dense_logp = F.log_softmax(dense_fn(chunk)[0, first:-1].float(), -1)
+            kl += float((dense_logp.exp() * (dense_logp - logp)).sum())
+            agree += int((dense_logp.argmax(-1) == logp.argmax(-1)).sum())
+    result = {"ppl": math.exp(nll / count), "tokens": count, "window": window, "stride": stride}
+    if dense_fn is not None:
+        result.update(kl=kl / count, top1_agreement=agree / count)
+    return result
+
+
+def load_task(path: str | os.PathLike, limit: int | None = None) -> list[dict]:
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"Task file {path} does not exist.")
+    docs = []
+    with path.open(encoding="utf-8") as f:
+        for line_no, line in enumerate(f, 1):
+            if line.strip():
+                try:
+                    docs.append(json.loads(line))
+                except json.JSONDecodeError as e:
+                    raise ValueError(f"{path}:{line_no} is not valid JSON ({e}).") from e
+            if limit and len(docs) >= limit:
+                break
+    if not docs:
+        raise ValueError(f"Task file {path} holds no examples.")
+    return docs
+
+
+def requests_for(doc: dict) -> tuple[list[tuple[str, str]], int | None, str]:
+    """(context, continuation) pairs, the gold index and the kind, as lm-evaluation-harness builds
+    them: `Question: ...\\nAnswer:` + ` choice`; WinoGrande partial scoring (the options change the
+    context, the shared continuation is scored); LAMBADA's last word (accuracy = greedy match)."""
+    if "choices" in doc:
+        query = doc["query"].rstrip()
+        context = query if query.endswith("Answer:") else query + "\nAnswer:"
+        return [(context, " " + c) for c in doc["choices"]], int(doc["gold"]), "choice"
+    if "context_options" in doc:
+        return [(c, " " + doc["continuation"]) for c in doc["context_options"]], int(doc["gold"]), "partial"
+    if "context" in doc and "continuation" in doc:
+        return [(doc["context"], " " + doc["continuation"].strip())], None, "greedy"
+    raise ValueError(f"Unknown task format with keys {sorted(doc)}; expected one of {TASK_FORMATS}.")
+
+
+def _encode_pair(tokenizer, context: str, continuation: str) -> tuple[list[int], int]:
+    """Tokens of context + continuation and how many belong to the continuation (lm-eval encodes
+    the whole string and splits it, so merges across the boundary count as continuation)."""
+    whole = tokenizer(context + continuation)["input_ids"]
+    ctx = tokenizer(context)["input_ids"]
+    n_cont = max(len(whole) - len(ctx), 1)
+    return whole, n_cont
+
+
+@torch.no_grad()
+def loglikelihoods(logits_fn: LogitsFn, tokenizer, pairs: list[tuple[str, str]], batch_size: int = 16,
+                   max_len: int = 2048, progress: bool = True) -> list[tuple[float, bool]]:
+    """(summed log-likelihood of the continuation, whether it is the greedy continuation)."""
+    encoded = [_encode_pair(tokenizer, c, x) for c, x in pairs]
+    order = sorted(range(len(encoded)), key=lambda i: -len(encoded[i][0]))
+    results: list[tuple[float, bool]] = [(0.0, False)] * len(encoded)
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    for first in tqdm(range(0, len(order), batch_size), desc="choices", disable=not progress, leave=False):
+        idx = order[first:first + batch_size]
+        seqs = [encoded[i][0][-max_len:] for i in idx]
+        width = max(len(s) for s in seqs)
+        batch = torch.full((len(seqs), width), pad, dtype=torch.long)
+        for row, s in enumerate(seqs):
+            batch[row, :len(s)] = torch.tensor(s)
+        logp = F.log_softmax(logits_fn(batch).float(), -1)
+        for row, i in enumerate(idx):
+            n, n_cont = len(seqs[row]), encoded[i][1]
+            targets = batch[row, n - n_cont:n]
+            pred = logp[row, n - n_cont - 1:n - 1]
+            results[i] = (float(pred.gather(-1, targets[:, None]).sum()), bool((pred.argmax(-1) == targets).all()))
+    return results
+
+
+def multiple_choice(logits_fn: LogitsFn, tokenizer, path, limit: int | None = None, batch_size: int = 16,
+                    progress: bool = True) -> dict:
+    """acc and acc_norm (log-likelihood / continuation length in characters) like lm-eval."""
+    docs = load_task(path, limit)
+    built = [requests_for(d) for d in docs]
+    pairs = [p for reqs, _, _ in built for p in reqs]
+    scores = loglikelihoods(logits_fn, tokenizer, pairs, batch_size, progress=progress)
+    acc = acc_norm = 0
+    cursor = 0
+    for reqs, gold, kind in built:
+        chunk = scores[cursor:cursor + len(reqs)]
+        cursor += len(reqs)
+        if kind == "greedy":
+            acc += chunk[0][1]
+            acc_norm += chunk[0][1]
+            continue
+        lls = [s for s, _ in chunk]
+        acc += int(max(range(len(lls)), key=lls.__getitem__) == gold)
+        normed = [ll / max(len(cont), 1) for ll, (_, cont) in zip(lls, reqs)]
+        acc_norm += int(max(range(len(normed)), key=normed.__getitem__) == gold)
+    return {"acc": acc / len(docs), "acc_norm": acc_norm / len(docs), "n": len(docs)}
+
+
+def evaluate(
+    logits_fn: LogitsFn,
+    tokenizer,
+    *,
+    ppl: str | os.PathLike | None = None,
+    tasks: list[str | os.PathLike] = (),
+    limit: int | None = None,
+    window: int = 1024,
+    stride: int | None = None,
+    max_tokens: int | None = None,
+    dense_fn: LogitsFn | None = None,
+    batch_size: int = 16,
+    progress: bool = True,
+) -> dict:
+    """Perplexity on a text file (and agreement with `dense_fn`), and accuracy on task files."""
+    report: dict = {}
+    if ppl is not None:
+        ids = text_tokens(tokenizer, ppl, max_tokens)
+        report["perplexity"] = {"file": str(ppl), **perplexity(logits_fn, ids, window=window, stride=stride,
+                                                                dense_fn=dense_fn, progress=progress)}
+    for path in tasks:
+        report.setdefault("tasks", {})[Path(path).stem] = multiple_choice(logits_fn, tokenizer, path, limit,
+                                                                         batch_size, progress)
+    return report

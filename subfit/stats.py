@@ -1,0 +1,151 @@
+"""Layer-by-layer capture of unit statistics, streamed into float64 moments.
+
+One walk pushes the calibration tokens through the model one layer at a time, keeping only the
+residual stream of all calibration tokens plus one layer on the device. Units already chosen for
+removal are replaced on the fly by a bypass fitted on the activations this very walk produces, so
+every fit sees the inputs that the compressed earlier layers really give it.
+"""
+from __future__ import annotations
+
+from typing import Callable, Iterable
+
+import torch
+from tqdm.auto import tqdm
+
+from subfit.fitting import Moments
+from subfit.models import UNIT_KINDS, Decoder
+from subfit.plan import Bypass
+
+Unit = tuple[str, int]  # ("attn" | "ffn", layer)
+WEIGHTINGS = ("per_token", "uniform")
+
+
+def token_weights(hidden: torch.Tensor, weighting: str) -> torch.Tensor:
+    """Per-token weights of the error metric.
+
+    `per_token` weighs each token by 1 / mean(h^2) of the residual stream it is added to, i.e.
+    the error as the next RMSNorm sees it. Without it, the few tokens that carry massive
+    activations dominate every norm and all units look alike.
+    """
+    if weighting == "uniform":
+        return torch.ones(hidden.shape[:-1], dtype=torch.float64, device=hidden.device)
+    if weighting == "per_token":
+        return 1.0 / hidden.double().pow(2).mean(-1).clamp_min(1e-12)
+    raise ValueError(f"Unknown weighting {weighting!r}; choose one of {WEIGHTINGS}.")
+
+
+class UnitStats:
+    """Streaming float64 sums of a unit's input x (after its RMSNorm) and output y."""
+
+    def __init__(self, d_in: int, d_out: int, device):
+        f64 = dict(dtype=torch.float64, device=device)
+        self.weight = torch.zeros((), **f64)
+        self.sum_x = torch.zeros(d_in, **f64)
+        self.sum_y = torch.zeros(d_out, **f64)
+        self.xx = torch.zeros(d_in, d_in, **f64)
+        self.xy = torch.zeros(d_in, d_out, **f64)
+        self.yy = torch.zeros((), **f64)
+        self.energy = torch.zeros((), **f64)  # sum of w * ||h||^2: the stream the error is relative to
+        self.tokens = 0
+
+    def add(self, x: torch.Tensor, y: torch.Tensor, hidden: torch.Tensor, w: torch.Tensor) -> None:
+        x, y, w = x.reshape(-1, x.shape[-1]).double(), y.reshape(-1, y.shape[-1]).double(), w.reshape(-1, 1)
+        wx = w * x
+        self.weight += w.sum()
+        self.sum_x += wx.sum(0)
+        self.sum_y += (w * y).sum(0)
+        self.xx += wx.T @ x
+        self.xy += wx.T @ y
+        self.yy += (w * y.pow(2)).sum()
+        self.energy += (w[:, 0] * hidden.reshape(-1, hidden.shape[-1]).double().pow(2).sum(-1)).sum()
+        self.tokens += x.shape[0]
+
+    def moments(self) -> Moments:
+        n = self.weight
+        mean_x, mean_y = self.sum_x / n, self.sum_y / n
+        return Moments(
+            weight=float(n),
+            mean_x=mean_x,
+            mean_y=mean_y,
+            cov_xx=self.xx / n - torch.outer(mean_x, mean_x),
+            cov_xy=self.xy / n - torch.outer(mean_x, mean_y),
+            var_y=float(self.yy / n - mean_y.pow(2).sum()),
+        )
+
+    def relative_error(self, error: float) -> float:
+        """A fit's injected error relative to the residual stream, in the weighting's metric."""
+        return error * float(self.weight) / max(float(self.energy), 1e-30)
+
+
+Hook = Callable[[str, int, torch.Tensor, torch.Tensor], None]  # (kind, layer, h_before, h_after)
+
+
+@torch.no_grad()
+def walk(
+    decoder: Decoder,
+    calib_ids: torch.Tensor,
+    *,
+    actions: dict[Unit, str] | None = None,
+    fit: Callable[[str, int, UnitStats], Bypass] | None = None,
+    collect: Iterable[Unit] = (),
+    weighting: str = "per_token",
+    batch_size: int = 8,
+    device: str | torch.device | None = None,
+    hooks: Iterable[Hook] = (),
+    progress: bool = True,
+    desc: str = "layers",
+) -> dict[Unit, UnitStats]:
+    """Push calibration tokens through the model layer by layer.
+
+    `actions` maps units to "bypass"/"delete" (others are kept). A bypassed unit's statistics are
+    gathered first, then `fit(kind, layer, stats)` returns its bypass, which replaces the unit for
+    the rest of the walk. Statistics are also returned for every unit in `collect`. `hooks` see
+    the residual stream before and after each unit (baseline scores use them).
+    """
+    actions = actions or {}
+    collect = set(collect)
+    hooks = list(hooks)
+    device = torch.device(device) if device is not None else calib_ids.device
+    d = decoder.hidden_size
+    batches = [b.to(device) for b in calib_ids.split(batch_size)]
+    home = next(decoder.model.parameters()).device
+    decoder.body.embed_tokens.to(device)
+    decoder.body.rotary_emb.to(device)
+    hidden = [decoder.embed(b) for b in batches]
+    positions = torch.arange(calib_ids.shape[1], device=device)[None]
+    rotary = decoder.rotary(hidden[0], positions)
+    stats: dict[Unit, UnitStats] = {}
+    for layer in tqdm(range(decoder.num_layers), desc=desc, disable=not progress, leave=False):
+        decoder.layers[layer].to(device)
+        for kind in UNIT_KINDS:
+            unit = (kind, layer)
+            action = actions.get(unit, "keep")
+            if action not in ("keep", "bypass", "delete"):
+                raise ValueError(f"Unknown action {action!r} for unit {unit}.")
+            norm = decoder.norm(kind, layer)
+            unit_stats = UnitStats(d, d, device) if (unit in collect or action == "bypass") else None
+            outputs = []
+            for h in hidden:
+                normed = norm(h)
+                y = decoder.run_unit(kind, layer, normed, rotary) if (action == "keep" or unit_stats) else None
+                if unit_stats is not None:
+                    unit_stats.add(normed, y, h, token_weights(h, weighting))
+                outputs.append(y)
+            if unit_stats is not None:
+                stats[unit] = unit_stats
+            bypass = fit(kind, layer, unit_stats) if action == "bypass" else None
+            for i, h in enumerate(hidden):
+                if action == "keep":
+                    new = h + outputs[i]
+                elif action == "bypass":
+                    new = h + bypass(norm(h))
+                else:
+                    new = h
+                for hook in hooks:
+                    hook(kind, layer, h, new)
+                hidden[i] = new
+            del outputs
+        decoder.layers[layer].to(home)
+    decoder.body.embed_tokens.to(home)
+    decoder.body.rotary_emb.to(home)
+    return stats
