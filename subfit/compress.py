@@ -100,10 +100,11 @@ def compress(
     removed: list[Unit] = []
     scoring_ids = calib_ids[: max(1, min(score_samples, calib_ids.shape[0]))]
     all_units = [(k, i) for i in range(decoder.num_layers) for k in UNIT_KINDS]
-    selection_stats = {}
+    selection_stats: dict = {}
     for round_index in range(1, rounds + 1 if sparsity > 0 else 1):
         kept = [u for u in all_units if u not in removed]
-        selection_stats = walk(
+        selection_stats.clear()  # free the last walk's statistics before the next one
+        selection_stats |= walk(
             decoder, scoring_ids, actions={u: "bypass" for u in removed},
             fit=lambda k, i, s: as_bypass(candidate_fit(k, i, s)), collect=kept,
             desc=f"scoring round {round_index}/{rounds}", **walk_args,

@@ -67,17 +67,18 @@ def reduced_rank_fit(m: Moments, rank: int, ridge: float) -> LinearFit:
 
 
 def shared_basis(moments: list[Moments], rank: int, ridge: float) -> torch.Tensor:
-    """An input basis [d, rank] shared by several units: the directions that best predict all
-    their outputs together (reduced-rank regression on the stacked outputs, in the input space
-    whitened by the units' average input covariance)."""
+    """An input basis [d, rank] shared by several units: reduced-rank regression on all their
+    outputs at once. Each unit's ridge coefficients are stacked side by side and the top `rank`
+    input directions taken in the metric of the units' average input covariance, so a single unit
+    gives exactly its own reduced-rank input space."""
     if not moments:
         raise ValueError("shared_basis needs the statistics of at least one unit.")
     mean_cov = sum(m.cov_xx for m in moments) / len(moments)
     eigvals, eigvecs = torch.linalg.eigh(_ridge(mean_cov, ridge))
-    inv_sqrt = eigvecs @ torch.diag(eigvals.clamp_min(1e-30).rsqrt()) @ eigvecs.T
-    cross = torch.cat([inv_sqrt @ m.cov_xy for m in moments], dim=1)  # [d, units * d_out]
-    left, _, _ = torch.linalg.svd(cross, full_matrices=False)
-    basis = inv_sqrt @ left[:, : min(rank, left.shape[1])]
+    root = eigvals.clamp_min(1e-30).sqrt()
+    coefficients = torch.cat([_solve(m.cov_xx, m.cov_xy, ridge) for m in moments], dim=1)  # [d, units * d_out]
+    left, _, _ = torch.linalg.svd((eigvecs * root) @ eigvecs.T @ coefficients, full_matrices=False)
+    basis = (eigvecs / root) @ eigvecs.T @ left[:, : min(rank, left.shape[1])]
     return torch.linalg.qr(basis).Q  # orthonormal columns, same span
 
 

@@ -79,7 +79,7 @@ def check_family(config) -> None:
 
 
 def load(
-    name: str | os.PathLike | None = None,
+    name: str | os.PathLike | ModelSource | None = None,
     *,
     dtype: torch.dtype = torch.float32,
     device: str | torch.device = "cpu",
@@ -88,7 +88,7 @@ def load(
     """Load (model, tokenizer, source). The model is put in eval mode with SDPA attention."""
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
-    source = resolve_source(name)
+    source = name if isinstance(name, ModelSource) else resolve_source(name)
     kwargs = {"gguf_file": source.gguf_file} if source.gguf_file else {}
     config = AutoConfig.from_pretrained(source.path, trust_remote_code=trust_remote_code, **kwargs)
     check_family(config)
@@ -97,6 +97,20 @@ def load(
     )
     tokenizer = AutoTokenizer.from_pretrained(source.path, trust_remote_code=trust_remote_code, **kwargs)
     return model.to(device).eval(), tokenizer, source
+
+
+def load_base(base: dict, override: str | os.PathLike | None = None, **kwargs):
+    """Load the base model a plan names (`plan.base`), or `override` when the plan has moved."""
+    if override is not None:
+        return load(override, **kwargs)
+    source = ModelSource(base["path"], base.get("gguf_file"))
+    located = Path(source.path) / (source.gguf_file or "config.json")
+    if Path(source.path).is_absolute() and not located.exists():
+        if source.gguf_file == _DEFAULT_GGUF:  # the default model, installed elsewhere now
+            return load(None, **kwargs)
+        raise FileNotFoundError(f"The plan's base model {source.describe()} is not there any more; "
+                                "pass its new location (--base / base=).")
+    return load(source, **kwargs)
 
 
 class Decoder:

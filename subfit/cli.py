@@ -1,0 +1,220 @@
+"""`subfit` command line: compress | eval (and the runtime's generate | bench)."""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+from rich.console import Console
+from rich.table import Table
+
+console = Console(stderr=True)
+
+COMPRESS_EXAMPLES = """examples:
+  subfit compress --sparsity 0.25 --out plans/smollm2-25          # default model, self-generated calibration
+  subfit compress HuggingFaceTB/SmolLM2-135M --sparsity 0.25 --calib wiki.txt --out plans/s25
+  subfit compress ./my-llama --sparsity 0.375 --calib hf:wikitext:wikitext-2-raw-v1:train --out plans/l375
+"""
+EVAL_EXAMPLES = """examples:
+  subfit eval plans/smollm2-25 --ppl wiki.test.raw --window 1024 --max-tokens 16384
+  subfit eval plans/smollm2-25 --tasks piqa.jsonl arc_easy.jsonl --limit 300 --json report.json
+  subfit eval HuggingFaceTB/SmolLM2-135M --ppl wiki.test.raw                # a dense model alone
+"""
+
+
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text}")
+    return value
+
+
+def _sparsity(text: str) -> float:
+    from subfit.compress import MAX_SPARSITY
+
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a fraction like 0.25, got {text!r}") from None
+    if not 0.0 <= value <= MAX_SPARSITY:
+        raise argparse.ArgumentTypeError(f"{text} is out of range: give a fraction of transformer-block "
+                                         f"parameters between 0 and {MAX_SPARSITY}, e.g. 0.25")
+    return value
+
+
+def add_compress(sub) -> None:
+    p = sub.add_parser("compress", help="compress a model into a SubFit plan", epilog=COMPRESS_EXAMPLES,
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("model", nargs="?", default=None,
+                   help="Hugging Face id, folder or .gguf file (default: the embedded SmolLM2-135M-Instruct)")
+    p.add_argument("--sparsity", type=_sparsity, required=True,
+                   help="fraction of transformer-block parameters to remove, e.g. 0.125 0.1875 0.25 0.3125 0.375")
+    p.add_argument("--calib", default=None,
+                   help="calibration text file, or hf:ID[:CONFIG[:SPLIT]]; default: text sampled from the model")
+    p.add_argument("--calib-samples", type=_positive_int, default=128, help="number of sequences (default 128)")
+    p.add_argument("--calib-len", type=_positive_int, default=512, help="tokens per sequence (default 512)")
+    p.add_argument("--seed", type=int, default=0, help="seed for sampling calibration data (default 0)")
+    p.add_argument("--attn-rank", type=_positive_int, default=None, help="attention bypass rank (default hidden/8)")
+    p.add_argument("--ffn-rank", type=_positive_int, default=None,
+                   help="rank of the shared FeedForward bypass basis (default hidden/2)")
+    p.add_argument("--ridge", type=float, default=1e-3, help="ridge, relative to input variance (default 1e-3)")
+    p.add_argument("--score", default="bypass-error", help="unit score: bypass-error | bypass-error-global")
+    p.add_argument("--rounds", type=_positive_int, default=4, help="greedy re-scoring rounds (default 4)")
+    p.add_argument("--score-samples", type=_positive_int, default=32,
+                   help="calibration sequences used for scoring rounds (default 32)")
+    p.add_argument("--device", default=None, help="device for the layer-by-layer walk, e.g. cuda (default cpu)")
+    p.add_argument("--trust-remote-code", action="store_true", help="allow model code from the hub (off by default)")
+    p.add_argument("--out", required=True, help="plan directory to write")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing plan in --out")
+    p.set_defaults(run=run_compress)
+
+
+def run_compress(args) -> int:
+    from subfit import models
+    from subfit.compress import compress
+
+    out = Path(args.out)
+    if (out / "plan.json").exists() and not args.overwrite:
+        raise SystemExit(f"error: {out} already holds a plan; choose another --out or pass --overwrite.")
+    if args.calib and not args.calib.startswith("hf:") and not Path(args.calib).is_file():
+        raise SystemExit(f"error: calibration file {args.calib} does not exist (or use hf:ID for a dataset).")
+    start = time.time()
+    model, tokenizer, _ = models.load(args.model, trust_remote_code=args.trust_remote_code)
+    plan = compress(model, args.sparsity, args.calib, tokenizer=tokenizer, calib_samples=args.calib_samples,
+                    calib_len=args.calib_len, seed=args.seed, attn_rank=args.attn_rank, ffn_rank=args.ffn_rank,
+                    ridge=args.ridge, score=args.score, rounds=args.rounds, score_samples=args.score_samples,
+                    device=args.device)
+    plan.save(out)
+    acc = plan.accounting()
+    table = Table(title=f"SubFit plan -> {out}  ({time.time() - start:.0f} s)")
+    for col in ("quantity", "value"):
+        table.add_column(col)
+    rows = [
+        ("sparsity (removed / block params)", f"{acc['sparsity']:.4f}  (target {args.sparsity})"),
+        ("removed units", f"{acc['removed_attn']} attention, {acc['removed_ffn']} feedforward"),
+        ("removed parameters", f"{acc['removed_params']:,}"),
+        ("bypass parameters", f"{acc['bypass_params']:,}"),
+        ("net sparsity", f"{acc['net_sparsity']:.4f}"),
+        ("KV cache reduction", f"{acc['kv_reduction']:.1%}"),
+        ("layers (A=attn, F=ffn bypassed)", _layer_map(plan)),
+    ]
+    for row in rows:
+        table.add_row(*row)
+    console.print(table)
+    return 0
+
+
+def _layer_map(plan) -> str:
+    marks = []
+    for a, f in zip(plan.attn, plan.ffn):
+        marks.append(("A" if a != "keep" else ".") + ("F" if f != "keep" else "."))
+    return " ".join(marks)
+
+
+def add_eval(sub) -> None:
+    p = sub.add_parser("eval", help="perplexity, multiple-choice accuracy and agreement with the dense model",
+                       epilog=EVAL_EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("target", nargs="?", default=None,
+                   help="plan directory, or a model (id/folder/.gguf; default the embedded SmolLM2)")
+    p.add_argument("--ppl", default=None, help="text file for perplexity")
+    p.add_argument("--window", type=_positive_int, default=1024, help="perplexity window in tokens (default 1024)")
+    p.add_argument("--stride", type=_positive_int, default=None, help="perplexity stride (default: the window)")
+    p.add_argument("--max-tokens", type=_positive_int, default=None, help="score only the first N tokens of --ppl")
+    p.add_argument("--tasks", nargs="*", default=[], help="multiple-choice task files (.jsonl)")
+    p.add_argument("--limit", type=_positive_int, default=None, help="first N examples of each task")
+    p.add_argument("--batch-size", type=_positive_int, default=16, help="sequences per forward (default 16)")
+    p.add_argument("--base", default=None, help="base model location, when the plan's has moved")
+    p.add_argument("--no-dense", action="store_true", help="for a plan: skip the dense model's column")
+    p.add_argument("--json", default=None, help="write the report as JSON here")
+    p.set_defaults(run=run_eval)
+
+
+def run_eval(args) -> int:
+    from subfit import models
+    from subfit.evaluate import evaluate
+    from subfit.plan import Plan
+    from subfit.reference import ReferenceModel
+
+    if args.ppl is None and not args.tasks:
+        raise SystemExit("error: nothing to evaluate: give --ppl FILE and/or --tasks FILE...")
+    for path in [args.ppl, *args.tasks]:
+        if path is not None and not Path(path).is_file():
+            raise SystemExit(f"error: {path} does not exist.")
+    is_plan = args.target is not None and (Path(args.target) / "plan.json").exists()
+    if is_plan:
+        plan = Plan.load(args.target)
+        model, tokenizer, _ = models.load_base(plan.base, args.base)
+        columns = {"compressed": ReferenceModel(model, plan)}
+        if not args.no_dense:
+            columns = {"dense": ReferenceModel(model), **columns}
+    else:
+        plan = None
+        model, tokenizer, _ = models.load(args.target)
+        columns = {"dense": ReferenceModel(model)}
+    dense = columns.get("dense") if plan is not None else None
+    report = {"target": args.target or "default", "columns": {}}
+    if plan is not None:
+        report["accounting"] = plan.accounting()
+        report["removed_units"] = plan.removed_units()
+    for name, fn in columns.items():
+        console.print(f"[bold]evaluating {name}[/bold]")
+        report["columns"][name] = evaluate(fn, tokenizer, ppl=args.ppl, tasks=args.tasks, limit=args.limit,
+                                           window=args.window, stride=args.stride, max_tokens=args.max_tokens,
+                                           dense_fn=dense if name != "dense" else None, batch_size=args.batch_size)
+    console.print(report_table(report))
+    if args.json:
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.json).write_text(json.dumps(report, indent=1))
+        console.print(f"report written to {args.json}")
+    return 0
+
+
+def report_table(report: dict) -> Table:
+    """Rows: metrics; columns: dense / compressed (and their ratio where it means something)."""
+    columns = report["columns"]
+    table = Table(title="subfit eval")
+    table.add_column("metric")
+    for name in columns:
+        table.add_column(name, justify="right")
+    metrics: list[tuple[str, callable]] = []
+    first = next(iter(columns.values()))
+    if "perplexity" in first:
+        metrics.append(("perplexity", lambda r: f"{r['perplexity']['ppl']:.2f}"))
+        if "kl" in list(columns.values())[-1].get("perplexity", {}):
+            metrics.append(("KL(dense||model)", lambda r: f"{r['perplexity'].get('kl', 0.0):.4f}"))
+            metrics.append(("top-1 agreement", lambda r: f"{r['perplexity'].get('top1_agreement', 1.0):.3f}"))
+    for task in first.get("tasks", {}):
+        metrics.append((f"{task} acc", lambda r, t=task: f"{r['tasks'][t]['acc']:.3f}"))
+        metrics.append((f"{task} acc_norm", lambda r, t=task: f"{r['tasks'][t]['acc_norm']:.3f}"))
+    for label, fmt in metrics:
+        table.add_row(label, *[fmt(r) for r in columns.values()])
+    return table
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="subfit", description="SubFit compression and fast decode of LLMs.")
+    sub = parser.add_subparsers(dest="command", required=True)
+    add_compress(sub)
+    add_eval(sub)
+    try:
+        from subfit.runtime.cli import add_commands
+    except ImportError:
+        pass
+    else:
+        add_commands(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.run(args)
+    except (ValueError, FileNotFoundError) as e:  # bad input: say what is wrong, no traceback
+        console.print(f"[red]error:[/red] {e}")
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

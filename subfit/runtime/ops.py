@@ -1,0 +1,115 @@
+"""The five fused steps of a decoder layer, in two interchangeable implementations.
+
+`KernelOps` calls the Triton kernels of `subfit_kernels` (on CUDA, or on CPU under
+TRITON_INTERPRET=1); `TorchOps` is the fast plain-PyTorch path used everywhere else. The model
+calls `self.ops.<step>` and never knows which one it got, so both paths run the same code.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+
+@dataclass(frozen=True)
+class Step:
+    """What one forward pass needs besides the token ids: where the new tokens go in the cache.
+
+    `positions` [B, T] are the cache positions (= RoPE positions) of the new tokens and
+    `seq_lens` [B] int32 the valid cache length of each sequence after this pass. `kv_len` and
+    `mask` serve only the PyTorch decode path, which attends over `cache[:kv_len]` rather than
+    the whole static buffer (the Triton kernel reads `seq_lens` instead).
+    """
+
+    positions: torch.Tensor
+    seq_lens: torch.Tensor
+    cos: torch.Tensor  # [max_seq_len, head_dim // 2] float32
+    sin: torch.Tensor
+    prefill: bool
+    kv_len: int = 0
+    mask: torch.Tensor | None = None  # [B, 1, 1, kv_len] bool, only for ragged batches
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """Hugging Face LlamaRMSNorm exactly: statistics in float32, scale in the input dtype."""
+    xf = x.float()
+    return weight * (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)).to(x.dtype)
+
+
+def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """RoPE with Hugging Face's rotate_half convention; cos/sin broadcast over heads."""
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1)
+
+
+class TorchOps:
+    """Plain PyTorch: few, large ops; writes into the static cache in place.
+
+    In every op the residual stream is `x + residual`, where the pending `x` may be None.
+    """
+
+    def add_rms_norm(self, x, residual, weight, eps):
+        h = residual if x is None else x + residual
+        return rms_norm(h, weight, eps), h
+
+    def bypass(self, x, residual, norm_weight, eps, down, up, bias):
+        h = residual if x is None else x + residual
+        return h + ((rms_norm(h, norm_weight, eps) @ down) @ up + bias)
+
+    def rope_and_cache(self, qk, n_q, v, step: Step, k_cache, v_cache):
+        """Rotate q and k together (one op chain for both), then store k and v at their positions."""
+        cos = step.cos[step.positions].unsqueeze(2).to(qk.dtype)  # [B, T, 1, D/2]
+        sin = step.sin[step.positions].unsqueeze(2).to(qk.dtype)
+        qk = rotate(qk, cos, sin)
+        q, k = qk[:, :, :n_q], qk[:, :, n_q:]
+        if step.prefill:  # prompts start at position 0: a slice write, no scatter
+            t = k.shape[1]
+            k_cache[:, :, :t] = k.transpose(1, 2)
+            v_cache[:, :, :t] = v.transpose(1, 2)
+        else:
+            batch = torch.arange(k.shape[0], device=k.device)[:, None]
+            k_cache[batch, :, step.positions] = k
+            v_cache[batch, :, step.positions] = v
+        return q, k
+
+    def decode_attention(self, q, k_cache, v_cache, step: Step):
+        """One query per sequence, GQA without repeating K/V: the G query heads that share a KV head
+        become G query rows of one attention over that head's cache."""
+        b, n_q, d = q.shape
+        n_kv = k_cache.shape[1]
+        out = F.scaled_dot_product_attention(
+            q.view(b, n_kv, n_q // n_kv, d), k_cache[:, :, : step.kv_len], v_cache[:, :, : step.kv_len],
+            attn_mask=step.mask,
+        )
+        return out.view(b, n_q, d)
+
+    def swiglu(self, gate, up):
+        return F.silu(gate) * up
+
+
+class KernelOps:
+    """The Triton kernels (with their CPU reference fallbacks inside subfit_kernels)."""
+
+    def __init__(self):
+        import subfit_kernels
+
+        self.k = subfit_kernels
+
+    def add_rms_norm(self, x, residual, weight, eps):
+        if x is None:
+            return self.k.add_rms_norm(residual, None, weight, eps)
+        return self.k.add_rms_norm(x, residual, weight, eps)
+
+    def bypass(self, x, residual, norm_weight, eps, down, up, bias):
+        return self.k.fused_bypass(x, residual, norm_weight, eps, down, up, bias)
+
+    def rope_and_cache(self, qk, n_q, v, step: Step, k_cache, v_cache):
+        return self.k.apply_rope(qk[:, :, :n_q], qk[:, :, n_q:], step.cos, step.sin, step.positions,
+                                 k_cache=k_cache, v_cache=v_cache, v=v)
+
+    def decode_attention(self, q, k_cache, v_cache, step: Step):
+        return self.k.decode_attention(q, k_cache, v_cache, step.seq_lens)
+
+    def swiglu(self, gate, up):
+        return self.k.swiglu(gate, up)

@@ -1,0 +1,36 @@
+"""Calibration windows are seeded, distinct, of the asked size, or refused."""
+import pytest
+import torch
+
+from subfit.calibration import CalibrationError, from_model, from_text_file, load_calibration
+
+
+def test_text_windows_are_seeded_and_distinct(stories, tinystories_file):
+    tok = stories[1]
+    a = from_text_file(tok, tinystories_file, 20, 64, seed=3)
+    assert a.shape == (20, 64)
+    assert torch.equal(a, from_text_file(tok, tinystories_file, 20, 64, seed=3))
+    assert not torch.equal(a, from_text_file(tok, tinystories_file, 20, 64, seed=4))
+    assert len({tuple(r.tolist()) for r in a}) == 20
+
+
+def test_too_little_text_says_how_much_there_is(stories, tmp_path):
+    path = tmp_path / "t.txt"
+    path.write_text("One short story.\n\nAnother one.")
+    with pytest.raises(CalibrationError, match=r"holds \d+ tokens = 0 sequences of 64 tokens, but 2 were asked"):
+        from_text_file(stories[1], path, 2, 64)
+
+
+def test_missing_file_and_bad_sizes(stories, tmp_path):
+    model, tok, _ = stories
+    with pytest.raises(CalibrationError, match="does not exist"):
+        load_calibration(str(tmp_path / "nope.txt"), model, tok, 2, 16)
+    with pytest.raises(CalibrationError, match="at least"):
+        load_calibration(None, model, tok, 0, 16)
+
+
+def test_self_generated_calibration_is_seeded(stories):
+    model, tok, _ = stories
+    a = from_model(model, tok, 3, 24, seed=1)
+    assert a.shape == (3, 24) and a[:, 0].eq(tok.bos_token_id).all()
+    assert torch.equal(a, from_model(model, tok, 3, 24, seed=1))

@@ -1,0 +1,61 @@
+"""The CLI end to end on stories260K: compress, eval (table + JSON), help and bad input."""
+import json
+
+import pytest
+
+from subfit.cli import main
+
+
+@pytest.fixture
+def small_text(tinystories_file, tmp_path):
+    path = tmp_path / "stories.txt"
+    path.write_text(tinystories_file.read_text()[:40_000])
+    return path
+
+
+def test_compress_then_eval(stories_dir, small_text, tmp_path, capsys):
+    out = tmp_path / "plan"
+    assert main(["compress", str(stories_dir), "--sparsity", "0.25", "--calib", str(small_text),
+                 "--calib-samples", "8", "--calib-len", "64", "--out", str(out)]) == 0
+    assert (out / "plan.json").exists() and (out / "bypass.safetensors").exists()
+    assert "sparsity" in capsys.readouterr().err
+    task = tmp_path / "task.jsonl"
+    task.write_text("\n".join(json.dumps({"query": "Lily liked", "choices": ["cats", "dogs"], "gold": i % 2})
+                              for i in range(4)))
+    report_path = tmp_path / "report.json"
+    assert main(["eval", str(out), "--ppl", str(small_text), "--max-tokens", "1500", "--window", "256",
+                 "--tasks", str(task), "--json", str(report_path)]) == 0
+    report = json.loads(report_path.read_text())
+    dense, compressed = report["columns"]["dense"], report["columns"]["compressed"]
+    assert compressed["perplexity"]["ppl"] > 1 and dense["perplexity"]["ppl"] > 1
+    assert 0 <= compressed["perplexity"]["top1_agreement"] <= 1 and compressed["perplexity"]["kl"] >= 0
+    assert compressed["tasks"]["task"]["n"] == 4
+    assert report["accounting"]["sparsity"] <= 0.25
+    # An existing plan is never overwritten silently.
+    with pytest.raises(SystemExit, match="already holds a plan"):
+        main(["compress", str(stories_dir), "--sparsity", "0.25", "--calib", str(small_text), "--out", str(out)])
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["compress", "--sparsity", "0.9", "--out", "p"], "out of range"),
+    (["compress", "--sparsity", "0.25", "--calib", "x.txt", "--out", "p"], "x.txt does not exist"),
+    (["eval", "somewhere", "--ppl", "missing.txt"], "missing.txt does not exist"),
+    (["eval", "somewhere"], "nothing to evaluate"),
+])
+def test_bad_input_is_explained(argv, message, stories_dir, capsys):
+    argv = [a if a != "somewhere" else str(stories_dir) for a in argv]
+    try:
+        code = main(argv)
+    except SystemExit as e:  # argparse and early checks exit before any model is loaded
+        code, text = e.code, str(e.code)
+    else:
+        text = capsys.readouterr().err
+    assert code not in (0, None)
+    assert __import__("re").search(message, text + capsys.readouterr().err)
+
+
+@pytest.mark.parametrize("command", ["compress", "eval"])
+def test_help_has_examples(command, capsys):
+    with pytest.raises(SystemExit) as e:
+        main([command, "--help"])
+    assert e.value.code == 0 and "examples:" in capsys.readouterr().out

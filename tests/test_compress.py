@@ -1,0 +1,102 @@
+"""compress(): the budget holds, the same seed gives the same plan, a planted linear unit is
+found and fitted exactly, and bad requests are refused with a clear message."""
+import pytest
+import torch
+
+from subfit import models
+from subfit.calibration import CalibrationError
+from subfit.compress import compress
+from subfit.reference import ReferenceModel
+
+
+@pytest.fixture(scope="module")
+def calib_ids(stories, tinystories_file):
+    from subfit.calibration import from_text_file
+
+    return from_text_file(stories[1], tinystories_file, 24, 128, seed=0)
+
+
+@pytest.mark.parametrize("sparsity", [0.125, 0.1875, 0.25, 0.3125, 0.375])
+def test_budget_is_respected_at_every_level(stories, calib_ids, sparsity):
+    model = stories[0]
+    plan = compress(model, sparsity, calib_ids, rounds=2, score_samples=8, progress=False)
+    acc = plan.accounting()
+    attn_fraction = plan.unit_params["attn"] / plan.block_params
+    assert acc["sparsity"] <= sparsity + 1e-12
+    # The mix uses the budget to within one attention unit of the best fill possible.
+    assert acc["sparsity"] > sparsity - 2 * attn_fraction
+    assert acc["removed_params"] == sum(plan.unit_params[u.split(".")[0]] for u in plan.removed_units())
+    assert 0 < acc["bypass_params"] < acc["removed_params"]
+
+
+def test_same_seed_same_plan(stories, tinystories_file, tmp_path):
+    model, tokenizer, _ = stories
+    text = tmp_path / "stories.txt"
+    text.write_text(tinystories_file.read_text()[:60_000])
+    a, b = (compress(model, 0.25, text, tokenizer=tokenizer, calib_samples=12, calib_len=96, seed=7,
+                     progress=False) for _ in range(2))
+    assert a.attn == b.attn and a.ffn == b.ffn and set(a.tensors) == set(b.tensors)
+    assert all(torch.equal(a.tensors[k], b.tensors[k]) for k in a.tensors)
+
+
+class Ones(torch.nn.Module):
+    def forward(self, gate):
+        return torch.ones_like(gate)
+
+
+def test_planted_linear_feedforward_is_chosen_and_fitted_exactly(stories_dir, calib_ids):
+    """Make layer 2's FeedForward an exact rank-16 linear map: it must be the unit removed, and
+    its bypass must reproduce it (error near zero, logits unchanged)."""
+    model, _, _ = models.load(stories_dir)
+    mlp = models.Decoder(model).layers[2].mlp
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        mlp.up_proj.weight.copy_(torch.randn(mlp.up_proj.weight.shape[0], 16, generator=g)
+                                 @ torch.randn(16, mlp.up_proj.weight.shape[1], generator=g) * 0.1)
+    mlp.act_fn = Ones()  # y = down(up(x)): linear, rank 16
+    plan = compress(model, 0.15, calib_ids, ridge=1e-9, progress=False)
+    assert plan.removed_units() == ["ffn.2"]
+    assert plan.method["bypass_errors"]["ffn.2"] < 1e-6
+    ids = calib_ids[:2, :64]
+    dense = model(ids).logits
+    assert float((ReferenceModel(model, plan)(ids) - dense).norm() / dense.norm()) < 1e-4
+
+
+def test_selection_is_submodule_level_and_non_contiguous(stories, calib_ids):
+    plan = compress(stories[0], 0.375, calib_ids, rounds=2, score_samples=8, progress=False)
+    removed = plan.removed_units()
+    assert removed, "nothing removed"
+    # Units are chosen one submodule at a time: never forced to take a whole layer.
+    assert any((plan.attn[i] == "keep") != (plan.ffn[i] == "keep") for i in range(plan.num_layers))
+
+
+@pytest.mark.parametrize("sparsity", [-0.1, 0.9, float("nan"), 0.01])
+def test_sparsity_out_of_range_is_refused(stories, calib_ids, sparsity):
+    with pytest.raises(ValueError, match="sparsity"):
+        compress(stories[0], sparsity, calib_ids, progress=False)
+
+
+def test_too_little_calibration_text_is_refused(stories, tmp_path):
+    model, tokenizer, _ = stories
+    short = tmp_path / "short.txt"
+    short.write_text("Once upon a time there was a cat.\n\nThe end.")
+    with pytest.raises(CalibrationError, match="Give more text"):
+        compress(model, 0.25, short, tokenizer=tokenizer, calib_samples=4, calib_len=64, progress=False)
+
+
+def test_unsupported_architecture_is_refused(tmp_path):
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=64)).save_pretrained(tmp_path)
+    with pytest.raises(models.UnsupportedModelError, match="'gpt2'.*llama, mistral, qwen2, qwen3"):
+        models.load(tmp_path)
+
+
+@pytest.mark.parametrize("family", ["qwen2", "qwen3", "mistral"])
+def test_every_family_compresses(family, family_model_dir):
+    model, _, _ = models.load(family_model_dir(family))
+    ids = torch.randint(0, 512, (8, 48), generator=torch.Generator().manual_seed(0))
+    plan = compress(model, 0.25, ids, rounds=2, progress=False)
+    assert plan.removed_units()
+    logits = ReferenceModel(model, plan)(ids[:1])
+    assert torch.isfinite(logits).all()

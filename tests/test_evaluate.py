@@ -1,0 +1,68 @@
+"""Evaluation: perplexity equals the model's own loss, windows score every token once, and
+multiple choice follows lm-evaluation-harness on planted cases."""
+import json
+import math
+
+import pytest
+import torch
+
+from subfit.evaluate import _windows, multiple_choice, perplexity, requests_for
+from subfit.reference import ReferenceModel
+
+
+@pytest.mark.parametrize("n,window,stride", [(100, 32, 32), (100, 32, 8), (33, 32, 32), (5, 32, 16), (64, 64, 64)])
+def test_windows_score_every_token_once(n, window, stride):
+    """Each token is scored at most once, in order; only a window's first token (which has no
+    context inside its window) may go unscored, as in the Hugging Face recipe."""
+    scored, starts = [], set()
+    for begin, end, first in _windows(n, window, stride):
+        assert end - begin <= window
+        starts.add(begin)
+        scored += list(range(begin + first + 1, end))
+    assert scored == sorted(set(scored)) and scored[-1] == n - 1
+    assert set(range(1, n)) - set(scored) <= starts
+    if stride < window:
+        assert scored == list(range(1, n))
+
+
+def test_perplexity_matches_the_hf_loss_on_one_window(stories):
+    model, tokenizer, _ = stories
+    ids = tokenizer("Once upon a time, there was a little girl named Lily. She loved to play.",
+                    return_tensors="pt").input_ids
+    loss = model(ids, labels=ids).loss
+    result = perplexity(ReferenceModel(model), ids[0], window=64, progress=False)
+    assert math.isclose(result["ppl"], math.exp(float(loss)), rel_tol=1e-5)
+    same = perplexity(ReferenceModel(model), ids[0], window=64, dense_fn=ReferenceModel(model), progress=False)
+    assert same["kl"] == pytest.approx(0.0, abs=1e-6) and same["top1_agreement"] == 1.0
+
+
+def test_multiple_choice_prefers_what_the_model_says(stories, tmp_path):
+    """Gold = the model's own greedy continuation vs a garbled one: acc must be 1, and 0 when gold
+    points at the garbled choice. LAMBADA-style greedy match: 1 on the model's own word, 0 else."""
+    model, tokenizer, _ = stories
+    ref = ReferenceModel(model)
+    query = "Once upon a time, there was a little girl named Lily. She loved to"
+    ids = tokenizer(query + "\nAnswer:", return_tensors="pt").input_ids
+    greedy = tokenizer.decode(ref.greedy(ids, 6)[0]).strip()
+    docs = [{"query": query, "choices": [greedy, "zq xv kk"], "gold": 0},
+            {"query": query, "choices": ["zq xv kk", greedy], "gold": 1},
+            {"query": query, "choices": ["zq xv kk", greedy], "gold": 0}]
+    path = tmp_path / "task.jsonl"
+    path.write_text("\n".join(json.dumps(d) for d in docs))
+    result = multiple_choice(ref, tokenizer, path, progress=False)
+    assert result["n"] == 3 and result["acc"] == pytest.approx(2 / 3)
+    plain = tokenizer.decode(ref.greedy(tokenizer(query, return_tensors="pt").input_ids, 3)[0]).split()[0]
+    lam = tmp_path / "lambada.jsonl"
+    lam.write_text(json.dumps({"context": query, "continuation": plain}) + "\n"
+                   + json.dumps({"context": query, "continuation": "zebra"}))
+    assert multiple_choice(ref, tokenizer, lam, progress=False)["acc"] == 0.5
+
+
+def test_winogrande_partial_scoring_scores_the_shared_continuation():
+    pairs, gold, kind = requests_for({"context_options": ["A so A", "A so B"], "continuation": "won.", "gold": 1})
+    assert pairs == [("A so A", " won."), ("A so B", " won.")] and gold == 1 and kind == "partial"
+
+
+def test_unknown_task_format_is_refused():
+    with pytest.raises(ValueError, match="Unknown task format"):
+        requests_for({"question": "?"})
