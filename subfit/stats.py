@@ -149,3 +149,55 @@ def walk(
     decoder.body.embed_tokens.to(home)
     decoder.body.rotary_emb.to(home)
     return stats
+
+
+@torch.no_grad()
+def output_effects(
+    decoder: Decoder,
+    probe_ids: torch.Tensor,
+    removed: dict[Unit, Bypass | None],
+    candidates: dict[Unit, Bypass],
+    scored_positions: int = 256,
+) -> dict[Unit, float]:
+    """KL(current model || current model with one more unit bypassed), per candidate, averaged
+    over the probe tokens: the damage a removal does to what the model actually outputs.
+
+    The probe runs once through the current model (the `removed` units bypassed, None = deleted),
+    remembering the residual stream in front of every unit; each candidate then restarts from its
+    own unit, so the cost is one partial forward per candidate.
+    """
+    order = [(kind, layer) for layer in range(decoder.num_layers) for kind in UNIT_KINDS]
+    device = next(decoder.model.parameters()).device
+    ids = probe_ids.to(device)
+    hidden = decoder.embed(ids)
+    rotary = decoder.rotary(hidden, torch.arange(ids.shape[1], device=device)[None])
+
+    def step(unit: Unit, h: torch.Tensor, replacement: Bypass | None = None) -> torch.Tensor:
+        kind, layer = unit
+        if replacement is None and unit in removed:
+            replacement = removed[unit]
+            if replacement is None:
+                return h
+        normed = decoder.norm(kind, layer)(h)
+        return h + (replacement(normed) if replacement is not None else decoder.run_unit(kind, layer, normed, rotary))
+
+    # The vocabulary projection and softmax cost as much as the layers: score a strided subset of
+    # at most `scored_positions` positions (all positions still serve as attention context).
+    every = max(1, ids.numel() // scored_positions)
+
+    def log_probs(h: torch.Tensor) -> torch.Tensor:
+        return torch.log_softmax(decoder.head(h[:, every - 1::every]).float(), -1)
+
+    streams = {}
+    for unit in order:
+        streams[unit] = hidden
+        hidden = step(unit, hidden)
+    reference = log_probs(hidden)
+    effects = {}
+    for unit, bypass in candidates.items():
+        h = step(unit, streams[unit], bypass)
+        for later in order[order.index(unit) + 1:]:
+            h = step(later, h)
+        logp = log_probs(h)
+        effects[unit] = float((reference.exp() * (reference - logp)).sum(-1).mean())
+    return effects

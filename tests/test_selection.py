@@ -1,0 +1,59 @@
+"""Budgeted selection: fills the budget as the unit sizes allow, never above it, at the least
+summed damage; contiguous windows for the contiguous ablation."""
+import itertools
+
+import pytest
+
+from subfit.selection import best_window, greedy_select, group_sizes
+
+PARAMS = {"attn": 1, "ffn": 3}
+
+
+def _groups(n_layers):
+    return [((k, i),) for i in range(n_layers) for k in ("attn", "ffn")]
+
+
+def _brute_force(scores, sizes, room, tolerance):
+    """All subsets: best fill, then least damage among fills within `tolerance`."""
+    best = None
+    options = []
+    for r in range(len(scores) + 1):
+        for combo in itertools.combinations(scores, r):
+            total = sum(sizes[g] for g in combo)
+            if total <= room:
+                options.append((total, sum(scores[g] for g in combo)))
+    top = max(t for t, _ in options)
+    return min(d for t, d in options if t > top - tolerance)
+
+
+@pytest.mark.parametrize("seed", range(6))
+@pytest.mark.parametrize("room", [0, 2, 5, 7, 10])
+def test_greedy_select_matches_brute_force_damage(seed, room):
+    import random
+
+    rng = random.Random(seed)
+    groups = _groups(4)
+    scores = {g: rng.random() for g in groups}
+    sizes = group_sizes(groups, PARAMS)
+    chosen = greedy_select(scores, sizes, room)
+    assert sum(sizes[g] for g in chosen) <= room
+    assert sum(scores[g] for g in chosen) == pytest.approx(_brute_force(scores, sizes, room, 1))
+
+
+def test_whole_layers_are_one_size():
+    layers = [(("attn", i), ("ffn", i)) for i in range(5)]
+    sizes = group_sizes(layers, PARAMS)
+    scores = {g: s for g, s in zip(layers, [5, 1, 4, 2, 3])}
+    assert greedy_select(scores, sizes, 9) == [layers[1], layers[3]]
+
+
+def test_best_window_is_contiguous_and_least_damaging():
+    groups = _groups(5)
+    sizes = group_sizes(groups, PARAMS)
+    scores = {g: 1.0 for g in groups}
+    for g in groups[4:8]:  # a cheap run in the middle: attn.2 ffn.2 attn.3 ffn.3
+        scores[g] = 0.1
+    window = best_window(groups, scores, sizes, 8)
+    assert window == groups[4:8]
+    idx = [groups.index(g) for g in window]
+    assert idx == list(range(idx[0], idx[-1] + 1))
