@@ -124,27 +124,25 @@ def walk(
                 raise ValueError(f"Unknown action {action!r} for unit {unit}.")
             norm = decoder.norm(kind, layer)
             unit_stats = UnitStats(d, d, device) if (unit in collect or action == "bypass") else None
-            outputs = []
-            for h in hidden:
+            if unit_stats is not None:
+                stats[unit] = unit_stats
+            # A kept unit's output is added as soon as it is computed; a bypassed unit needs the
+            # statistics of every batch before its fit exists, so it takes a second sweep.
+            for i, h in enumerate(hidden):
                 normed = norm(h)
                 y = decoder.run_unit(kind, layer, normed, rotary) if (action == "keep" or unit_stats) else None
                 if unit_stats is not None:
                     unit_stats.add(normed, y, h, token_weights(h, weighting))
-                outputs.append(y)
-            if unit_stats is not None:
-                stats[unit] = unit_stats
-            bypass = fit(kind, layer, unit_stats) if action == "bypass" else None
-            for i, h in enumerate(hidden):
-                if action == "keep":
-                    new = h + outputs[i]
-                elif action == "bypass":
-                    new = h + bypass(norm(h))
-                else:
-                    new = h
-                for hook in hooks:
-                    hook(kind, layer, h, new)
-                hidden[i] = new
-            del outputs
+                if action != "bypass":
+                    hidden[i] = h + y if action == "keep" else h
+                    for hook in hooks:
+                        hook(kind, layer, h, hidden[i])
+            if action == "bypass":
+                bypass = fit(kind, layer, unit_stats)
+                for i, h in enumerate(hidden):
+                    hidden[i] = h + bypass(norm(h))
+                    for hook in hooks:
+                        hook(kind, layer, h, hidden[i])
         decoder.layers[layer].to(home)
     decoder.body.embed_tokens.to(home)
     decoder.body.rotary_emb.to(home)
