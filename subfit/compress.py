@@ -8,7 +8,7 @@ import torch
 
 from subfit import calibration, models
 from subfit.fitting import LinearFit, fit_in_basis, reduced_rank_fit, shared_basis
-from subfit.models import UNIT_KINDS, Decoder, ModelSource
+from subfit.models import UNIT_KINDS, Decoder
 from subfit.plan import FFN_BASIS, Bypass, Plan
 from subfit.selection import SCORES, best_window, greedy_select, group_sizes
 from subfit.stats import Unit, output_effects, walk
@@ -75,11 +75,10 @@ def compress(
     contiguous run of units, `bypass=False` deletes the chosen units instead of fitting bypasses.
     """
     _check_args(sparsity, rounds, ridge, score, granularity)
-    source = None
     if model is None or isinstance(model, (str, os.PathLike)):
-        model, tokenizer, source = models.load(model)
+        model, tokenizer, _ = models.load(model)
     decoder = Decoder(model)
-    source = source or ModelSource(getattr(model.config, "_name_or_path", "") or "unknown")
+    source = models.source_of(model)
     if isinstance(calib, torch.Tensor):
         calib_ids, calib_info = calib.long(), {"source": "tensor", "samples": calib.shape[0], "length": calib.shape[1]}
     else:

@@ -96,7 +96,14 @@ def load(
         source.path, dtype=dtype, attn_implementation="sdpa", trust_remote_code=trust_remote_code, **kwargs
     )
     tokenizer = AutoTokenizer.from_pretrained(source.path, trust_remote_code=trust_remote_code, **kwargs)
+    model.subfit_source = source  # where the weights came from: a plan made from this model records it
     return model.to(device).eval(), tokenizer, source
+
+
+def source_of(model: nn.Module) -> ModelSource:
+    """Where a loaded model's weights came from (set by `load`; a model built elsewhere falls
+    back to its config's name)."""
+    return getattr(model, "subfit_source", None) or ModelSource(model.config._name_or_path or "unknown")
 
 
 def load_base(base: dict, override: str | os.PathLike | None = None, **kwargs):

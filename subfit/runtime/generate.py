@@ -56,8 +56,8 @@ def sample(logits: torch.Tensor, temperature: float = 0.0, top_k: int | None = N
         logits = logits.masked_fill(logits < kth, float("-inf"))
     if top_p is not None and top_p < 1.0:
         ordered, order = torch.sort(logits, dim=-1, descending=True)
-        cumulative = ordered.softmax(dim=-1).cumsum(dim=-1)
-        drop = cumulative - ordered.softmax(dim=-1) >= top_p  # tokens after the nucleus; the top one stays
+        probs = ordered.softmax(dim=-1)
+        drop = probs.cumsum(dim=-1) - probs >= top_p  # tokens after the nucleus; the top one always stays
         logits = logits.masked_fill(drop.scatter(-1, order, drop), float("-inf"))
     return torch.multinomial(logits.softmax(dim=-1), 1, generator=generator)[:, 0]
 
@@ -84,14 +84,16 @@ class Runtime:
     @classmethod
     def from_hf(cls, hf_model, plan: Plan | None = None, tokenizer=None, *, max_seq_len: int | None = None,
                 batch_size: int = 1, use_kernels: bool | None = None, cuda_graph: bool | None = None) -> "Runtime":
-        """Build from a loaded Hugging Face model (its weights are shared, not copied, where possible).
-        Checks that `plan` is valid and was made for this model."""
+        """Build from a loaded Hugging Face model, after checking that `plan` is valid and was made for
+        it. Fused projections are copies (on CPU all projections are, packed for oneDNN); the other
+        weights are shared with `hf_model`."""
         if plan is not None:
             plan.validate()
             plan.check_base(Decoder(hf_model))
         device = hf_model.get_input_embeddings().weight.device
         if use_kernels is None:
-            use_kernels = device.type == "cuda" or os.environ.get("TRITON_INTERPRET") == "1"
+            interpret = os.environ.get("TRITON_INTERPRET", "0").strip().lower() in ("1", "true", "yes", "on")
+            use_kernels = device.type == "cuda" or interpret
         if cuda_graph is None:
             cuda_graph = device.type == "cuda" and use_kernels
         if cuda_graph and not (use_kernels and device.type == "cuda"):
@@ -124,13 +126,14 @@ class Runtime:
 
     # low level -----------------------------------------------------------------------------
     @torch.inference_mode()
-    def prefill(self, ids: torch.Tensor | Sequence[Sequence[int]], lengths: Sequence[int] | None = None) -> torch.Tensor:
+    def prefill(self, ids: torch.Tensor | Sequence[Sequence[int]],
+                lengths: Sequence[int] | None = None) -> torch.Tensor:
         """Start new sequences from `ids` ([B, T] tensor, right-padded when `lengths` is given, or a list
         of token lists) and return the float32 logits [B, V] of each sequence's next token."""
         rows = _rows_of(ids, lengths)
         self._check(rows, 0)
         b, t = len(rows), max(len(r) for r in rows)
-        if self.model.cache is None or self.batch_size != b:
+        if self.batch_size != b:
             self._setup(b)
         padded = torch.zeros(b, t, dtype=torch.long)
         for i, row in enumerate(rows):
@@ -213,7 +216,26 @@ class Runtime:
                seed: int | None = None) -> Iterator[StreamStep]:
         """Generate step by step: yields one `StreamStep` per new token position. The prompt is checked
         here, before the first token; the work happens as the iterator is consumed."""
-        rows, _ = self._encode(prompt)
+        rows, _, eos_ids, generator = self._prepare(prompt, max_new_tokens, eos, seed)
+        return self._stream(rows, max_new_tokens, temperature, top_k, top_p, eos_ids, generator, text=True)
+
+    def generate(self, prompt: Prompt, max_new_tokens: int = 64, *, temperature: float = 0.0, top_k: int | None = None,
+                 top_p: float | None = None, eos: int | Sequence[int] | None = None,
+                 seed: int | None = None) -> Generation:
+        """Generate up to `max_new_tokens` per prompt (text, token ids, or a batch of either), stopping a
+        sequence at EOS; greedy when temperature is 0."""
+        rows, single, eos_ids, generator = self._prepare(prompt, max_new_tokens, eos, seed)
+        new: list[list[int]] = [[] for _ in rows]
+        for step in self._stream(rows, max_new_tokens, temperature, top_k, top_p, eos_ids, generator, text=False):
+            for b, token in enumerate(step.ids):
+                if token is not None:
+                    new[b].append(token)
+        texts = [self._text(r, n) for r, n in zip(rows, new)]
+        return Generation(new[0], texts[0]) if single else Generation(new, texts)
+
+    def _prepare(self, prompt: Prompt, max_new_tokens: int, eos, seed):
+        """Validate everything before any work: token lists, single-or-batch, EOS ids, RNG."""
+        rows, single = self._encode(prompt)
         if max_new_tokens < 1:
             raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}.")
         self._check(rows, max_new_tokens)
@@ -221,9 +243,10 @@ class Runtime:
         generator = None
         if seed is not None:
             generator = torch.Generator(device=self.device).manual_seed(seed)
-        return self._stream(rows, max_new_tokens, temperature, top_k, top_p, eos_ids, generator)
+        return rows, single, eos_ids, generator
 
-    def _stream(self, rows, max_new_tokens, temperature, top_k, top_p, eos_ids, generator) -> Iterator[StreamStep]:
+    def _stream(self, rows, max_new_tokens, temperature, top_k, top_p, eos_ids, generator, *,
+                text: bool) -> Iterator[StreamStep]:
         new: list[list[int]] = [[] for _ in rows]
         shown = [""] * len(rows)
         done = [False] * len(rows)
@@ -239,30 +262,20 @@ class Runtime:
                     continue
                 new[b].append(token)
                 done[b] = token in eos_ids
-                text = self._text(rows[b], new[b])
-                stable = text if done[b] or i == max_new_tokens - 1 else text.rstrip("\ufffd")  # half a character
                 ids.append(token)
-                texts.append(stable[len(shown[b]):] if stable.startswith(shown[b]) else "")
-                shown[b] = max(shown[b], stable, key=len)
+                if not text:
+                    continue
+                full = self._text(rows[b], new[b])
+                stable = full if done[b] or i == max_new_tokens - 1 else full.rstrip("\ufffd")  # half a character
+                if stable.startswith(shown[b]):
+                    texts.append(stable[len(shown[b]):])
+                    shown[b] = stable
+                else:  # the tokenizer rewrote earlier text: nothing safe to show this step
+                    texts.append("")
             yield StreamStep(ids, texts)
             if all(done) or i == max_new_tokens - 1:
                 return
             logits = self.decode_step(tokens)
-
-    def generate(self, prompt: Prompt, max_new_tokens: int = 64, *, temperature: float = 0.0, top_k: int | None = None,
-                 top_p: float | None = None, eos: int | Sequence[int] | None = None,
-                 seed: int | None = None) -> Generation:
-        """Generate up to `max_new_tokens` per prompt (text, token ids, or a batch of either), stopping a
-        sequence at EOS; greedy when temperature is 0."""
-        rows, single = self._encode(prompt)
-        new: list[list[int]] = [[] for _ in rows]
-        for step in self.stream(rows, max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p, eos=eos,
-                                seed=seed):
-            for b, token in enumerate(step.ids):
-                if token is not None:
-                    new[b].append(token)
-        texts = [self._text(r, n) for r, n in zip(rows, new)]
-        return Generation(new[0], texts[0]) if single else Generation(new, texts)
 
     def as_hf(self):
         """This runtime behind the subset of Hugging Face's `model.generate` that existing code uses."""
@@ -324,7 +337,8 @@ def _default_eos(hf_model, tokenizer) -> list[int]:
     return [eos] if isinstance(eos, int) else list(eos)
 
 
-def _dtype(dtype: torch.dtype | str | None, device: torch.device) -> torch.dtype:
+def parse_dtype(dtype: torch.dtype | str | None, device: torch.device) -> torch.dtype:
+    """A dtype or its name; None -> bfloat16 on CUDA, float32 elsewhere."""
     if dtype is None:
         return torch.bfloat16 if device.type == "cuda" else torch.float32
     if isinstance(dtype, torch.dtype):
@@ -334,6 +348,23 @@ def _dtype(dtype: torch.dtype | str | None, device: torch.device) -> torch.dtype
     if dtype not in names:
         raise ValueError(f"Unknown dtype {dtype!r}; use one of {', '.join(names)}.")
     return names[dtype]
+
+
+def _is_plan(target) -> bool:
+    """A Plan or plan directory (True), or something `models.load` takes (False); a folder that is
+    neither is an error here, with a clearer message than the model loader's."""
+    if isinstance(target, Plan) or target is None:
+        return target is not None
+    path = Path(target)
+    if (path / PLAN_FILE).is_file():
+        return True
+    if not path.exists() and (path.is_absolute() or str(target).startswith((".", "~")) or len(path.parts) > 2):
+        raise FileNotFoundError(f"{target} does not exist: give a plan directory, a model folder or .gguf file, "
+                                "or a Hugging Face model id.")
+    if path.is_dir() and not (path / "config.json").exists() and not any(path.glob("*.gguf")):
+        raise FileNotFoundError(f"{path} is neither a plan directory ({PLAN_FILE}) nor a model folder (config.json "
+                                "or a .gguf file). Make a plan with `subfit compress`.")
+    return False
 
 
 def load(plan: Plan | str | os.PathLike | None, device: str | torch.device | None = None,
@@ -347,9 +378,11 @@ def load(plan: Plan | str | os.PathLike | None, device: str | torch.device | Non
     id, .gguf file, or None for the default model) is loaded dense, i.e. with its empty plan.
     Defaults: CUDA if available (bfloat16, Triton kernels, CUDA graph), else CPU float32.
     """
-    device = torch.device(device) if device is not None else torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    dtype = _dtype(dtype, device)
-    if isinstance(plan, Plan) or (plan is not None and (Path(plan) / PLAN_FILE).is_file()):
+    if device is None:
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    device = torch.device(device)
+    dtype = parse_dtype(dtype, device)
+    if _is_plan(plan):
         plan = plan if isinstance(plan, Plan) else Plan.load(plan)
         hf_model, tokenizer, _ = models.load_base(plan.base, base, dtype=dtype, device=device)
     else:

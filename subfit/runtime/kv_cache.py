@@ -32,9 +32,11 @@ class CompactKVCache(nn.Module):
         self.register_buffer("k", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
         self.register_buffer("v", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
 
-    def slot(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """(K, V) of one slot, `[B, Hkv, S_max, D]` views: contiguous, since the slot is the outer dimension."""
-        return self.k[index], self.v[index]
+    def layer(self, index: int) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """(K, V) of a layer's slot as `[B, Hkv, S_max, D]` views (contiguous: the slot is the outer
+        dimension), or None for a layer whose attention was removed."""
+        slot = self.slots[index]
+        return None if slot is None else (self.k[slot], self.v[slot])
 
     def nbytes(self) -> int:
         return self.k.nbytes + self.v.nbytes

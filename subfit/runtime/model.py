@@ -23,40 +23,52 @@ from subfit.runtime.ops import KernelOps, Step, TorchOps, rms_norm
 Stream = tuple[torch.Tensor | None, torch.Tensor | None]
 
 
-def _fuse(*linears: nn.Linear) -> nn.Linear:
-    """One Linear for several that read the same input (q/k/v, gate/up): one matmul, not three.
-    A single layer is shared, not copied."""
-    if len(linears) == 1:
-        return linears[0]
-    weight = torch.cat([lin.weight.detach() for lin in linears])
-    biases = [lin.bias for lin in linears]
-    fused = nn.Linear(weight.shape[1], weight.shape[0], bias=any(b is not None for b in biases), device="meta")
-    fused.weight = nn.Parameter(weight, requires_grad=False)
-    if fused.bias is not None:
-        fused.bias = nn.Parameter(torch.cat([
-            b.detach() if b is not None else weight.new_zeros(lin.out_features) for b, lin in zip(biases, linears)
-        ]), requires_grad=False)
-    return fused
+class Dense(nn.Module):
+    """`y = x @ W.T + b` for one or several Hugging Face Linears that read the same input (q/k/v,
+    gate/up), fused into one matmul.
+
+    On CPU in float32 the weight is pre-packed once for oneDNN (the blocked layout PyTorch's own
+    CPU compiler uses): a one-row product, i.e. every decode matmul, then streams it ~2x faster
+    than nn.Linear on the 2-core CPU this was measured on. Elsewhere it stays a [out, in] tensor
+    for F.linear, shared with the Hugging Face module when there is nothing to fuse.
+    """
+
+    def __init__(self, *linears: nn.Linear):
+        super().__init__()
+        weights = [lin.weight.detach() for lin in linears]
+        weight = weights[0] if len(weights) == 1 else torch.cat(weights)
+        self.bias = None
+        if any(lin.bias is not None for lin in linears):
+            self.bias = torch.cat([lin.bias.detach() if lin.bias is not None else weight.new_zeros(lin.out_features)
+                                   for lin in linears])
+        self.packed = (weight.device.type == "cpu" and weight.dtype == torch.float32
+                       and torch.backends.mkldnn.is_available())
+        self.weight = torch.ops.mkldnn._reorder_linear_weight(weight, 1) if self.packed else weight
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.packed:
+            return torch.ops.mkldnn._linear_pointwise(x, self.weight, self.bias, "none", [], "")
+        return F.linear(x, self.weight, self.bias)
 
 
 class Attention(nn.Module):
     """Pre-norm grouped-query attention writing its K/V into its slot of the compact cache."""
 
-    def __init__(self, hf_block: nn.Module, config, ops, slot: int):
+    def __init__(self, hf_block: nn.Module, config, ops):
         super().__init__()
         attn = hf_block.self_attn
-        self.ops, self.slot = ops, slot
+        self.ops = ops
         self.norm_weight = hf_block.input_layernorm.weight
         self.eps = hf_block.input_layernorm.variance_epsilon
         self.n_head = config.num_attention_heads
         self.n_kv = config.num_key_value_heads
         self.head_dim = getattr(config, "head_dim", None) or config.hidden_size // self.n_head
-        self.wqkv = _fuse(attn.q_proj, attn.k_proj, attn.v_proj)  # Qwen2's biases come along
-        self.wo = attn.o_proj
+        self.wqkv = Dense(attn.q_proj, attn.k_proj, attn.v_proj)  # Qwen2's biases come along
+        self.wo = Dense(attn.o_proj)
         # Qwen3 normalises each head of q and k before RoPE.
         self.q_norm = attn.q_norm if hasattr(attn, "q_norm") else None
         self.k_norm = attn.k_norm if hasattr(attn, "k_norm") else None
-        self.k_cache: torch.Tensor | None = None  # views of this slot, bound by Transformer.setup_cache
+        self.k_cache: torch.Tensor | None = None  # views of this layer's slot, bound by Transformer.setup_cache
         self.v_cache: torch.Tensor | None = None
 
     def forward(self, x, residual, step: Step) -> Stream:
@@ -85,8 +97,8 @@ class FeedForward(nn.Module):
         self.ops = ops
         self.norm_weight = hf_block.post_attention_layernorm.weight
         self.eps = hf_block.post_attention_layernorm.variance_epsilon
-        self.w13 = _fuse(mlp.gate_proj, mlp.up_proj)
-        self.w2 = mlp.down_proj
+        self.w13 = Dense(mlp.gate_proj, mlp.up_proj)
+        self.w2 = Dense(mlp.down_proj)
 
     def forward(self, x, residual, step: Step) -> Stream:
         normed, h = self.ops.add_rms_norm(x, residual, self.norm_weight, self.eps)
@@ -139,9 +151,8 @@ class Transformer(nn.Module):
         self.head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
         self.slots = slot_map(attn_actions)
         weight = dec.body.embed_tokens.weight
+        # Bypass weights in the model's dtype; "ffn.basis" stays one tensor, shared by every FFN bypass.
         tensors = {k: v.to(weight.device, weight.dtype) for k, v in (plan.tensors if plan is not None else {}).items()}
-        if "ffn.basis" in tensors:  # one tensor object, shared by every FFN bypass
-            tensors["ffn.basis"] = tensors["ffn.basis"].contiguous()
 
         def unit(kind: str, i: int, action: str) -> nn.Module | None:
             block = dec.layers[i]
@@ -150,14 +161,14 @@ class Transformer(nn.Module):
             if action == "bypass":
                 down = tensors[f"attn.{i}.down"] if kind == "attn" else tensors["ffn.basis"]
                 return Bypass(dec.norm(kind, i), down, tensors[f"{kind}.{i}.up"], tensors[f"{kind}.{i}.bias"], self.ops)
-            return Attention(block, config, self.ops, self.slots[i]) if kind == "attn" else FeedForward(block, self.ops)
+            return Attention(block, config, self.ops) if kind == "attn" else FeedForward(block, self.ops)
 
         self.layers = nn.ModuleList(
             Block(unit("attn", i, attn_actions[i]), unit("ffn", i, ffn_actions[i])) for i in range(dec.num_layers)
         )
         self.embed_weight = weight
         self.norm_weight, self.norm_eps = dec.body.norm.weight, dec.body.norm.variance_epsilon
-        self.lm_head = hf_model.lm_head  # the embedding itself when tied
+        self.lm_head = Dense(hf_model.lm_head)  # packed on CPU: a copy even when tied to the embedding
         # RoPE tables from the model's own rotary module, so llama3/yarn/... scaling is honoured.
         positions = torch.arange(max_seq_len, device=weight.device)[None]
         cos, sin = dec.rotary(torch.zeros(1, device=weight.device, dtype=torch.float32), positions)
@@ -169,9 +180,9 @@ class Transformer(nn.Module):
         """Allocate the static compact cache for `batch_size` sequences and bind each attention to its slot."""
         self.cache = CompactKVCache(self.slots, batch_size, self.n_kv, self.max_seq_len, self.head_dim,
                                     dtype=self.embed_weight.dtype, device=self.embed_weight.device)
-        for block in self.layers:
+        for i, block in enumerate(self.layers):
             if isinstance(block.attn, Attention):
-                block.attn.k_cache, block.attn.v_cache = self.cache.slot(block.attn.slot)
+                block.attn.k_cache, block.attn.v_cache = self.cache.layer(i)
         return self.cache
 
     def step(self, positions: torch.Tensor, seq_lens: torch.Tensor, *, prefill: bool, kv_len: int = 0,
@@ -180,6 +191,7 @@ class Transformer(nn.Module):
 
     def forward(self, ids: torch.Tensor, step: Step) -> torch.Tensor:
         x, residual = None, F.embedding(ids, self.embed_weight)
+        step = self.ops.prepare(step, residual.dtype)
         for block in self.layers:
             x, residual = block(x, residual, step)
         return self.ops.add_rms_norm(x, residual, self.norm_weight, self.norm_eps)[0]

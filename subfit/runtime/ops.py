@@ -6,7 +6,7 @@ calls `self.ops.<step>` and never knows which one it got, so both paths run the 
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 import torch.nn.functional as F
@@ -29,6 +29,10 @@ class Step:
     prefill: bool
     kv_len: int = 0
     mask: torch.Tensor | None = None  # [B, 1, 1, kv_len] bool, only for ragged batches
+    # Filled once per forward by TorchOps.prepare, shared by every layer:
+    cos_at: torch.Tensor | None = None  # [B, T, 1, D/2] in the model dtype: cos at `positions`
+    sin_at: torch.Tensor | None = None
+    batch_index: torch.Tensor | None = None  # [B, 1]
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
@@ -49,6 +53,12 @@ class TorchOps:
     In every op the residual stream is `x + residual`, where the pending `x` may be None.
     """
 
+    def prepare(self, step: Step, dtype: torch.dtype) -> Step:
+        """Per-forward work that every layer would otherwise repeat: RoPE rows and a batch index."""
+        return replace(step, cos_at=step.cos[step.positions].unsqueeze(2).to(dtype),
+                       sin_at=step.sin[step.positions].unsqueeze(2).to(dtype),
+                       batch_index=torch.arange(step.positions.shape[0], device=step.positions.device)[:, None])
+
     def add_rms_norm(self, x, residual, weight, eps):
         h = residual if x is None else x + residual
         return rms_norm(h, weight, eps), h
@@ -59,18 +69,15 @@ class TorchOps:
 
     def rope_and_cache(self, qk, n_q, v, step: Step, k_cache, v_cache):
         """Rotate q and k together (one op chain for both), then store k and v at their positions."""
-        cos = step.cos[step.positions].unsqueeze(2).to(qk.dtype)  # [B, T, 1, D/2]
-        sin = step.sin[step.positions].unsqueeze(2).to(qk.dtype)
-        qk = rotate(qk, cos, sin)
+        qk = rotate(qk, step.cos_at, step.sin_at)
         q, k = qk[:, :, :n_q], qk[:, :, n_q:]
         if step.prefill:  # prompts start at position 0: a slice write, no scatter
             t = k.shape[1]
             k_cache[:, :, :t] = k.transpose(1, 2)
             v_cache[:, :, :t] = v.transpose(1, 2)
         else:
-            batch = torch.arange(k.shape[0], device=k.device)[:, None]
-            k_cache[batch, :, step.positions] = k
-            v_cache[batch, :, step.positions] = v
+            k_cache[step.batch_index, :, step.positions] = k
+            v_cache[step.batch_index, :, step.positions] = v
         return q, k
 
     def decode_attention(self, q, k_cache, v_cache, step: Step):
@@ -95,6 +102,9 @@ class KernelOps:
         import subfit_kernels
 
         self.k = subfit_kernels
+
+    def prepare(self, step: Step, dtype: torch.dtype) -> Step:
+        return step  # the kernels index the RoPE tables themselves
 
     def add_rms_norm(self, x, residual, weight, eps):
         if x is None:

@@ -1,0 +1,167 @@
+"""`subfit generate` and `subfit bench`: registered on the main parser by `add_commands`."""
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+GENERATE_EXAMPLES = """examples:
+  subfit generate plans/smollm2-25 --prompt "Once upon a time" --max-new-tokens 100
+  subfit generate plans/smollm2-25 --prompt "The capital of France is" --temperature 0.7 --top-p 0.9 --seed 0
+  subfit generate ../shared/assets/models/stories260K --prompt "Once upon a time"   # a model: dense
+  subfit generate plans/moved --base /new/place/of/the/model --prompt "Hi" --device cuda --dtype bfloat16
+"""
+BENCH_EXAMPLES = """examples:
+  subfit bench                                   # the default model, dense: transformers vs runtime
+  subfit bench plans/smollm2-25                  # + the plan's runtime
+  subfit bench --synthetic 0.125 0.25 0.375      # + shape-only plans at these sparsities
+  subfit bench plans/smollm2-25 --device cuda --dtype bfloat16 --new-tokens 128
+  subfit bench --threads 1 --rounds 5             # CPU: one thread is steadier on a busy machine
+"""
+DTYPES = ("float32", "float16", "bfloat16")
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text}")
+    return value
+
+
+def _temperature(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number >= 0, got {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"temperature must be >= 0 (0 = greedy), got {text}")
+    return value
+
+
+def _probability(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number in (0, 1], got {text!r}") from None
+    if not 0 < value <= 1:
+        raise argparse.ArgumentTypeError(f"top-p must be in (0, 1], got {text}")
+    return value
+
+
+def _sparsity(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a fraction like 0.25, got {text!r}") from None
+    if not 0 < value < 1:
+        raise argparse.ArgumentTypeError(f"sparsity must be in (0, 1), got {text}")
+    return value
+
+
+def _common(p: argparse.ArgumentParser) -> None:
+    p.add_argument("target", nargs="?", default=None, metavar="PLAN_DIR_OR_MODEL",
+                   help="plan directory, or a model (Hugging Face id, folder, .gguf) run dense; "
+                        "default: the embedded SmolLM2-135M-Instruct")
+    p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if available)")
+    p.add_argument("--dtype", choices=DTYPES, default=None, help="default: bfloat16 on CUDA, float32 on CPU")
+    p.add_argument("--base", default=None, help="base model location, when the plan's has moved")
+    p.add_argument("--max-seq-len", type=_positive_int, default=None,
+                   help="KV cache length per sequence (default: min(model's max positions, 2048))")
+    p.add_argument("--threads", type=_positive_int, default=None,
+                   help="CPU threads for torch (default: torch's choice; 1 is often best for batch-1 decode "
+                        "on a busy machine)")
+
+
+def add_commands(subparsers) -> None:
+    """Register `generate` and `bench` on an argparse subparsers object."""
+    p = subparsers.add_parser("generate", help="generate text with a plan (or a dense model), streaming",
+                              epilog=GENERATE_EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
+    _common(p)
+    p.add_argument("--prompt", required=True, help="text to continue")
+    p.add_argument("--max-new-tokens", type=_positive_int, default=64, help="tokens to generate (default 64)")
+    p.add_argument("--temperature", type=_temperature, default=0.0, help="0 = greedy (default)")
+    p.add_argument("--top-k", type=_positive_int, default=None, help="sample from the k most likely tokens")
+    p.add_argument("--top-p", type=_probability, default=None, help="nucleus sampling mass, e.g. 0.9")
+    p.add_argument("--seed", type=int, default=None, help="seed for sampling")
+    p.set_defaults(run=run_generate)
+
+    p = subparsers.add_parser("bench", help="decode latency: transformers vs the runtime (dense and plans)",
+                              epilog=BENCH_EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
+    _common(p)
+    p.add_argument("--synthetic", type=_sparsity, nargs="*", default=[],
+                   help="also time shape-only plans at these sparsities (random bypass weights)")
+    p.add_argument("--prompt-len", type=_positive_int, default=64, help="prompt tokens (default 64)")
+    p.add_argument("--new-tokens", type=_positive_int, default=32, help="tokens generated per round (default 32)")
+    p.add_argument("--rounds", type=_positive_int, default=3, help="timed rounds, median reported (default 3)")
+    p.set_defaults(run=run_bench)
+
+
+def _set_threads(args) -> None:
+    if args.threads is not None:
+        import torch
+
+        torch.set_num_threads(args.threads)
+
+
+def run_generate(args) -> int:
+    from subfit.runtime import load
+
+    if (args.top_k is not None or args.top_p is not None) and args.temperature == 0:
+        raise ValueError("--top-k/--top-p only apply when sampling: give --temperature > 0 as well.")
+    _set_threads(args)
+    runtime = load(args.target, args.device, args.dtype, args.base, max_seq_len=args.max_seq_len)
+    start, count = time.perf_counter(), 0
+    sys.stdout.write(args.prompt)
+    for step in runtime.stream(args.prompt, args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
+                               top_p=args.top_p, seed=args.seed):
+        sys.stdout.write(step.text[0])
+        sys.stdout.flush()
+        count += 1
+    elapsed = time.perf_counter() - start
+    sys.stdout.write("\n")
+    print(f"[{count} tokens in {elapsed:.2f} s, {count / elapsed:.1f} tokens/s; KV cache "
+          f"{runtime.kv_cache_bytes() / 2**20:.1f} MiB]", file=sys.stderr)
+    return 0
+
+
+def run_bench(args) -> int:
+    import torch
+
+    from subfit import models
+    from subfit.plan import PLAN_FILE, Plan
+    from subfit.runtime import Runtime
+    from subfit.runtime.bench import (HFContender, RuntimeContender, compare, markdown_table, memory_bandwidth,
+                                      synthetic_plan)
+    from subfit.runtime.generate import parse_dtype
+
+    _set_threads(args)
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    dtype = parse_dtype(args.dtype, device)
+    plan = Plan.load(args.target) if args.target and (Path(args.target) / PLAN_FILE).is_file() else None
+    if plan is not None:
+        hf_model, tokenizer, source = models.load_base(plan.base, args.base, dtype=dtype, device=device)
+    else:
+        hf_model, tokenizer, source = models.load(args.base or args.target, dtype=dtype, device=device)
+    max_seq_len = args.max_seq_len or args.prompt_len + args.new_tokens
+    if args.prompt_len + args.new_tokens > max_seq_len:
+        raise ValueError(f"--prompt-len + --new-tokens ({args.prompt_len + args.new_tokens}) exceeds --max-seq-len.")
+    ids = torch.randint(0, hf_model.config.vocab_size, (1, args.prompt_len), generator=torch.Generator().manual_seed(0))
+
+    def runtime(p):
+        return lambda: RuntimeContender(Runtime.from_hf(hf_model, p, tokenizer, max_seq_len=max_seq_len))
+
+    contenders = {"transformers eager (dense)": lambda: HFContender(hf_model),
+                  "runtime dense": runtime(Plan.empty(models.Decoder(hf_model), source))}
+    if plan is not None:
+        contenders[f"runtime plan ({plan.accounting()['sparsity']:.1%})"] = runtime(plan)
+    for sparsity in args.synthetic:
+        contenders[f"runtime synthetic {sparsity:.1%}"] = runtime(synthetic_plan(hf_model, source, sparsity))
+    rows = compare(contenders, ids, args.new_tokens, args.rounds, bandwidth=memory_bandwidth(device))
+    print(f"{source.describe()} on {device} ({dtype}), batch 1, prompt {args.prompt_len}, "
+          f"{args.new_tokens} new tokens, median of {args.rounds}")
+    print(markdown_table(rows))
+    return 0

@@ -1,0 +1,68 @@
+"""`subfit generate` / `subfit bench` as registered by `add_commands`, on the tiny real model."""
+import argparse
+
+import pytest
+
+from subfit.runtime.cli import add_commands
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="subfit")
+    add_commands(p.add_subparsers(dest="command", required=True))
+    return p
+
+
+def test_generate_streams_text(stories_dir, capsys):
+    args = parser().parse_args(["generate", str(stories_dir), "--prompt", "Once upon a time", "--max-new-tokens", "12",
+                                "--device", "cpu", "--dtype", "float32"])
+    assert args.run(args) == 0
+    out, err = capsys.readouterr()
+    assert out.startswith("Once upon a time, there was a little girl")
+    assert "12 tokens" in err and "tokens/s" in err
+
+
+def test_generate_plan_with_sampling(stories, plan_of, tmp_path, capsys):
+    model, _, source = stories
+    plan_of(model, source, "p25").save(tmp_path / "plan")
+    args = parser().parse_args(["generate", str(tmp_path / "plan"), "--prompt", "Once", "--max-new-tokens", "5",
+                                "--temperature", "0.8", "--top-p", "0.9", "--top-k", "20", "--seed", "1"])
+    assert args.run(args) == 0
+    assert capsys.readouterr().out.startswith("Once")
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["generate", "x", "--prompt", "a", "--max-new-tokens", "0"], "positive integer"),
+    (["generate", "x", "--prompt", "a", "--temperature", "-1"], "temperature must be >= 0"),
+    (["generate", "x", "--prompt", "a", "--top-p", "1.5"], "top-p must be in (0, 1]"),
+    (["generate", "x", "--prompt", "a", "--dtype", "int8"], "invalid choice"),
+    (["generate", "x"], "--prompt"),
+    (["bench", "--synthetic", "1.5"], "sparsity must be in (0, 1)"),
+])
+def test_bad_arguments(argv, message, capsys):
+    with pytest.raises(SystemExit):
+        parser().parse_args(argv)
+    assert message in capsys.readouterr().err
+
+
+def test_top_p_without_temperature_is_refused(stories_dir):
+    args = parser().parse_args(["generate", str(stories_dir), "--prompt", "a", "--top-p", "0.9"])
+    with pytest.raises(ValueError, match="--temperature"):
+        args.run(args)
+
+
+@pytest.mark.parametrize("command", ["generate", "bench"])
+def test_help_has_examples(command, capsys):
+    with pytest.raises(SystemExit):
+        parser().parse_args([command, "--help"])
+    assert "examples:" in capsys.readouterr().out
+
+
+def test_bench_prints_a_table(stories_dir, stories, plan_of, tmp_path, capsys):
+    model, _, source = stories
+    plan_of(model, source, "p375").save(tmp_path / "plan")
+    args = parser().parse_args(["bench", str(tmp_path / "plan"), "--base", str(stories_dir), "--prompt-len", "8",
+                                "--new-tokens", "4", "--rounds", "1", "--synthetic", "0.25", "--device", "cpu"])
+    assert args.run(args) == 0
+    out = capsys.readouterr().out
+    for row in ("transformers eager (dense)", "runtime dense", "runtime plan (39.9%)", "runtime synthetic 25.0%"):
+        assert row in out
