@@ -1,4 +1,4 @@
-"""`subfit` command line: compress | eval (and the runtime's generate | bench)."""
+"""`subfit` command line: compress | eval | sweep (and the runtime's generate | bench)."""
 from __future__ import annotations
 
 import argparse
@@ -10,25 +10,22 @@ from pathlib import Path
 from rich.console import Console
 from rich.table import Table
 
+from subfit.runtime.cli import add_commands as add_runtime_commands, positive_int
+
 console = Console(stderr=True)
 
 COMPRESS_EXAMPLES = """examples:
   subfit compress --sparsity 0.25 --out plans/smollm2-25          # default model, self-generated calibration
   subfit compress HuggingFaceTB/SmolLM2-135M --sparsity 0.25 --calib wiki.txt --out plans/s25
   subfit compress ./my-llama --sparsity 0.375 --calib hf:wikitext:wikitext-2-raw-v1:train --out plans/l375
+  subfit compress HuggingFaceTB/SmolLM2-135M --method shortgpt --sparsity 0.25 --calib wiki.txt --out plans/sg25
+  subfit compress HuggingFaceTB/SmolLM2-135M --granularity layer --sparsity 0.25 --calib wiki.txt --out plans/l25
 """
 EVAL_EXAMPLES = """examples:
   subfit eval plans/smollm2-25 --ppl wiki.test.raw --window 1024 --max-tokens 16384
   subfit eval plans/smollm2-25 --tasks piqa.jsonl arc_easy.jsonl --limit 300 --json report.json
   subfit eval HuggingFaceTB/SmolLM2-135M --ppl wiki.test.raw                # a dense model alone
 """
-
-
-def _positive_int(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text}")
-    return value
 
 
 def _sparsity(text: str) -> float:
@@ -53,16 +50,24 @@ def add_compress(sub) -> None:
                    help="fraction of transformer-block parameters to remove, e.g. 0.125 0.1875 0.25 0.3125 0.375")
     p.add_argument("--calib", default=None,
                    help="calibration text file, or hf:ID[:CONFIG[:SPLIT]]; default: text sampled from the model")
-    p.add_argument("--calib-samples", type=_positive_int, default=128, help="number of sequences (default 128)")
-    p.add_argument("--calib-len", type=_positive_int, default=512, help="tokens per sequence (default 512)")
+    p.add_argument("--calib-samples", type=positive_int, default=128, help="number of sequences (default 128)")
+    p.add_argument("--calib-len", type=positive_int, default=512, help="tokens per sequence (default 512)")
     p.add_argument("--seed", type=int, default=0, help="seed for sampling calibration data (default 0)")
-    p.add_argument("--attn-rank", type=_positive_int, default=None, help="attention bypass rank (default hidden/8)")
-    p.add_argument("--ffn-rank", type=_positive_int, default=None,
+    p.add_argument("--attn-rank", type=positive_int, default=None, help="attention bypass rank (default hidden/8)")
+    p.add_argument("--ffn-rank", type=positive_int, default=None,
                    help="rank of the shared FeedForward bypass basis (default hidden/2)")
-    p.add_argument("--ridge", type=float, default=1e-3, help="ridge, relative to input variance (default 1e-3)")
-    p.add_argument("--score", default="bypass-error", help="unit score: bypass-error | bypass-error-global")
-    p.add_argument("--rounds", type=_positive_int, default=4, help="greedy re-scoring rounds (default 4)")
-    p.add_argument("--score-samples", type=_positive_int, default=32,
+    p.add_argument("--method", default="subfit", choices=["subfit", "shortgpt", "uidl", "replaceme", "llm-drop"],
+                   help="subfit (default) or a baseline: shortgpt | uidl | replaceme | llm-drop (see subfit.baselines)")
+    p.add_argument("--granularity", default="unit", choices=["unit", "layer"],
+                   help="subfit ablation: remove single units (default) or whole layers")
+    p.add_argument("--contiguous", action="store_true", help="subfit ablation: one contiguous run of units")
+    p.add_argument("--no-bypass", action="store_true", help="subfit ablation: delete the chosen units, no bypasses")
+    p.add_argument("--ridge", type=float, default=None,
+                   help="ridge, relative to input variance (default 1e-3 for subfit, 1e-4 for replaceme)")
+    p.add_argument("--score", default="output-kl", choices=["output-kl", "bypass-error", "bypass-error-global"],
+                   help="unit score (default output-kl: effect on the next-token distribution)")
+    p.add_argument("--rounds", type=positive_int, default=4, help="greedy re-scoring rounds (default 4)")
+    p.add_argument("--score-samples", type=positive_int, default=32,
                    help="calibration sequences used for scoring rounds (default 32)")
     p.add_argument("--device", default=None, help="device for the layer-by-layer walk, e.g. cuda (default cpu)")
     p.add_argument("--trust-remote-code", action="store_true", help="allow model code from the hub (off by default)")
@@ -80,15 +85,30 @@ def run_compress(args) -> int:
         raise SystemExit(f"error: {out} already holds a plan; choose another --out or pass --overwrite.")
     if args.calib and not args.calib.startswith("hf:") and not Path(args.calib).is_file():
         raise SystemExit(f"error: calibration file {args.calib} does not exist (or use hf:ID for a dataset).")
+    ablations = args.granularity != "unit" or args.contiguous or args.no_bypass
+    if args.method != "subfit" and ablations:
+        raise SystemExit(f"error: --granularity/--contiguous/--no-bypass are SubFit ablations; "
+                         f"they do not apply to --method {args.method}.")
     start = time.time()
-    model, tokenizer, _ = models.load(args.model, trust_remote_code=args.trust_remote_code)
-    plan = compress(model, args.sparsity, args.calib, tokenizer=tokenizer, calib_samples=args.calib_samples,
-                    calib_len=args.calib_len, seed=args.seed, attn_rank=args.attn_rank, ffn_rank=args.ffn_rank,
-                    ridge=args.ridge, score=args.score, rounds=args.rounds, score_samples=args.score_samples,
-                    device=args.device)
+    model, tokenizer, source = models.load(args.model, trust_remote_code=args.trust_remote_code)
+    if args.method == "subfit":
+        plan = compress(model, args.sparsity, args.calib, tokenizer=tokenizer, calib_samples=args.calib_samples,
+                        calib_len=args.calib_len, seed=args.seed, attn_rank=args.attn_rank, ffn_rank=args.ffn_rank,
+                        ridge=1e-3 if args.ridge is None else args.ridge, score=args.score, rounds=args.rounds,
+                        score_samples=args.score_samples, granularity=args.granularity,
+                        contiguous=args.contiguous, bypass=not args.no_bypass, device=args.device)
+    else:
+        from subfit import calibration
+        from subfit.baselines import compress_baseline
+
+        calib_ids = calibration.load_calibration(args.calib, model, tokenizer, args.calib_samples, args.calib_len,
+                                                 args.seed)
+        plan = compress_baseline(model, args.method, args.sparsity, calib_ids, source=source, ridge=args.ridge,
+                                 calib_info=calibration.describe(args.calib, calib_ids, args.seed),
+                                 device=args.device)
     plan.save(out)
     acc = plan.accounting()
-    table = Table(title=f"SubFit plan -> {out}  ({time.time() - start:.0f} s)")
+    table = Table(title=f"{args.method} plan -> {out}  ({time.time() - start:.0f} s)")
     for col in ("quantity", "value"):
         table.add_column(col)
     rows = [
@@ -98,7 +118,7 @@ def run_compress(args) -> int:
         ("bypass parameters", f"{acc['bypass_params']:,}"),
         ("net sparsity", f"{acc['net_sparsity']:.4f}"),
         ("KV cache reduction", f"{acc['kv_reduction']:.1%}"),
-        ("layers (A=attn, F=ffn bypassed)", _layer_map(plan)),
+        ("layers (A=attn, F=ffn removed)", _layer_map(plan)),
     ]
     for row in rows:
         table.add_row(*row)
@@ -119,12 +139,12 @@ def add_eval(sub) -> None:
     p.add_argument("target", nargs="?", default=None,
                    help="plan directory, or a model (id/folder/.gguf; default the embedded SmolLM2)")
     p.add_argument("--ppl", default=None, help="text file for perplexity")
-    p.add_argument("--window", type=_positive_int, default=1024, help="perplexity window in tokens (default 1024)")
-    p.add_argument("--stride", type=_positive_int, default=None, help="perplexity stride (default: the window)")
-    p.add_argument("--max-tokens", type=_positive_int, default=None, help="score only the first N tokens of --ppl")
+    p.add_argument("--window", type=positive_int, default=1024, help="perplexity window in tokens (default 1024)")
+    p.add_argument("--stride", type=positive_int, default=None, help="perplexity stride (default: the window)")
+    p.add_argument("--max-tokens", type=positive_int, default=None, help="score only the first N tokens of --ppl")
     p.add_argument("--tasks", nargs="*", default=[], help="multiple-choice task files (.jsonl)")
-    p.add_argument("--limit", type=_positive_int, default=None, help="first N examples of each task")
-    p.add_argument("--batch-size", type=_positive_int, default=16, help="sequences per forward (default 16)")
+    p.add_argument("--limit", type=positive_int, default=None, help="first N examples of each task")
+    p.add_argument("--batch-size", type=positive_int, default=16, help="sequences per forward (default 16)")
     p.add_argument("--base", default=None, help="base model location, when the plan's has moved")
     p.add_argument("--no-dense", action="store_true", help="for a plan: skip the dense model's column")
     p.add_argument("--json", default=None, help="write the report as JSON here")
@@ -198,12 +218,10 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     add_compress(sub)
     add_eval(sub)
-    try:
-        from subfit.runtime.cli import add_commands
-    except ImportError:
-        pass
-    else:
-        add_commands(sub)
+    from subfit.sweep import add_commands as add_sweep
+
+    add_sweep(sub)
+    add_runtime_commands(sub)
     return parser
 
 

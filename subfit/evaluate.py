@@ -31,14 +31,14 @@ def text_tokens(tokenizer, path: str | os.PathLike, max_tokens: int | None = Non
 def _windows(n_tokens: int, window: int, stride: int):
     """(begin, end, first) of rolling windows as in the Hugging Face perplexity recipe: windows
     start every `stride` tokens, and in each only the tokens not scored before count (logits from
-    index `first` on), so overlapping windows give later tokens extra context."""
-    scored_until = 0
-    for begin in range(0, n_tokens - 1, stride):
-        end = min(begin + window, n_tokens)
+    index `first` on), so overlapping windows give later tokens extra context. With stride =
+    window, a window's first token has no context and is not scored, as in that recipe."""
+    scored_until, start = 0, 0
+    while scored_until < n_tokens:
+        end = min(start + window, n_tokens)
+        begin = max(0, end - window)  # a short last window reaches back for context
         yield begin, end, max(scored_until - begin, 1) - 1
-        scored_until = end
-        if end == n_tokens:
-            break
+        scored_until, start = end, start + stride
 
 
 @torch.no_grad()
@@ -134,11 +134,20 @@ def loglikelihoods(logits_fn: LogitsFn, tokenizer, pairs: list[tuple[str, str]],
         batch = torch.full((len(seqs), width), pad, dtype=torch.long)
         for row, s in enumerate(seqs):
             batch[row, :len(s)] = torch.tensor(s)
-        logp = F.log_softmax(logits_fn(batch).float(), -1)
+        # Positions that predict each row's continuation, right-aligned in a [rows, K] index.
+        n_conts = [min(encoded[i][1], len(s) - 1) for i, s in zip(idx, seqs)]
+        k = max(n_conts)
+        index = torch.stack([torch.arange(len(s) - k - 1, len(s) - 1).clamp_min(0) for s in seqs])
+        if hasattr(logits_fn, "logits_at"):  # fast path: project only the positions scored
+            logits = logits_fn.logits_at(batch, index)
+        else:
+            full = logits_fn(batch)
+            logits = full.gather(1, index[..., None].expand(-1, -1, full.shape[-1]))
+        logp = F.log_softmax(logits.float(), -1)
         for row, i in enumerate(idx):
-            n, n_cont = len(seqs[row]), encoded[i][1]
+            n, n_cont = len(seqs[row]), n_conts[row]
             targets = batch[row, n - n_cont:n]
-            pred = logp[row, n - n_cont - 1:n - 1]
+            pred = logp[row, k - n_cont:]
             results[i] = (float(pred.gather(-1, targets[:, None]).sum()), bool((pred.argmax(-1) == targets).all()))
     return results
 

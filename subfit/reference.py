@@ -52,6 +52,14 @@ class ReferenceModel(nn.Module):
         return self.decoder.head(self.hidden_states(input_ids))
 
     @torch.no_grad()
+    def logits_at(self, input_ids: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+        """Logits at positions `index` [B, K] only: scoring a continuation needs a few positions,
+        and the vocabulary projection of every position would cost more than the layers."""
+        hidden = self.hidden_states(input_ids)
+        picked = hidden.gather(1, index[..., None].expand(-1, -1, hidden.shape[-1]))
+        return self.decoder.head(picked)
+
+    @torch.no_grad()
     def greedy(self, input_ids: torch.Tensor, max_new_tokens: int) -> torch.Tensor:
         """Greedy continuation by full recompute: slow, obviously right."""
         ids = input_ids

@@ -22,7 +22,7 @@ BENCH_EXAMPLES = """examples:
 DTYPES = ("float32", "float16", "bfloat16")
 
 
-def _positive_int(text: str) -> int:
+def positive_int(text: str) -> int:
     try:
         value = int(text)
     except ValueError:
@@ -69,9 +69,9 @@ def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if available)")
     p.add_argument("--dtype", choices=DTYPES, default=None, help="default: bfloat16 on CUDA, float32 on CPU")
     p.add_argument("--base", default=None, help="base model location, when the plan's has moved")
-    p.add_argument("--max-seq-len", type=_positive_int, default=None,
+    p.add_argument("--max-seq-len", type=positive_int, default=None,
                    help="KV cache length per sequence (default: min(model's max positions, 2048))")
-    p.add_argument("--threads", type=_positive_int, default=None,
+    p.add_argument("--threads", type=positive_int, default=None,
                    help="CPU threads for torch (default: torch's choice; 1 is often best for batch-1 decode "
                         "on a busy machine)")
 
@@ -82,9 +82,9 @@ def add_commands(subparsers) -> None:
                               epilog=GENERATE_EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
     _common(p)
     p.add_argument("--prompt", required=True, help="text to continue")
-    p.add_argument("--max-new-tokens", type=_positive_int, default=64, help="tokens to generate (default 64)")
+    p.add_argument("--max-new-tokens", type=positive_int, default=64, help="tokens to generate (default 64)")
     p.add_argument("--temperature", type=_temperature, default=0.0, help="0 = greedy (default)")
-    p.add_argument("--top-k", type=_positive_int, default=None, help="sample from the k most likely tokens")
+    p.add_argument("--top-k", type=positive_int, default=None, help="sample from the k most likely tokens")
     p.add_argument("--top-p", type=_probability, default=None, help="nucleus sampling mass, e.g. 0.9")
     p.add_argument("--seed", type=int, default=None, help="seed for sampling")
     p.set_defaults(run=run_generate)
@@ -94,9 +94,9 @@ def add_commands(subparsers) -> None:
     _common(p)
     p.add_argument("--synthetic", type=_sparsity, nargs="*", default=[],
                    help="also time shape-only plans at these sparsities (random bypass weights)")
-    p.add_argument("--prompt-len", type=_positive_int, default=64, help="prompt tokens (default 64)")
-    p.add_argument("--new-tokens", type=_positive_int, default=32, help="tokens generated per round (default 32)")
-    p.add_argument("--rounds", type=_positive_int, default=3, help="timed rounds, median reported (default 3)")
+    p.add_argument("--prompt-len", type=positive_int, default=64, help="prompt tokens (default 64)")
+    p.add_argument("--new-tokens", type=positive_int, default=32, help="tokens generated per round (default 32)")
+    p.add_argument("--rounds", type=positive_int, default=3, help="timed rounds, median reported (default 3)")
     p.set_defaults(run=run_bench)
 
 
