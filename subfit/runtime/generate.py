@@ -91,9 +91,8 @@ class Runtime:
             plan.validate()
             plan.check_base(Decoder(hf_model))
         device = hf_model.get_input_embeddings().weight.device
-        if use_kernels is None:
-            interpret = os.environ.get("TRITON_INTERPRET", "0").strip().lower() in ("1", "true", "yes", "on")
-            use_kernels = device.type == "cuda" or interpret
+        if use_kernels is None:  # the Triton interpreter on CPU is for tests: ask for it by name
+            use_kernels = device.type == "cuda"
         if cuda_graph is None:
             cuda_graph = device.type == "cuda" and use_kernels
         if cuda_graph and not (use_kernels and device.type == "cuda"):

@@ -34,7 +34,7 @@ def test_kernel_path_matches_reference(stories, plan_of, tmp_path):
         torch.set_num_threads(1)
         plan = Plan.load({str(tmp_path / 'plan')!r})
         model, _, _ = models.load({source.path!r})
-        runtime = Runtime.from_hf(model, plan, max_seq_len=24)  # automatic: kernels under the interpreter
+        runtime = Runtime.from_hf(model, plan, max_seq_len=24, use_kernels=True)  # Triton, interpreted
         assert isinstance(runtime.model.ops, KernelOps)
         reference = ReferenceModel(model, plan)
         prompts = [[1, 403, 407, 261, 378], [1, 70]]
