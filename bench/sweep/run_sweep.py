@@ -1,0 +1,72 @@
+"""The quality sweep presets: `python bench/sweep/run_sweep.py stories260k|smollm2 [--print]`.
+
+Each preset is one `subfit sweep` command (printed before it runs; `--print` prints it only).
+Results go to bench/results/sweep_<preset>.{json,md} and _quality.png/_layers.png; plans,
+statistics and evaluations are cached under plans/sweep_<preset>/ (git-ignored), so running the
+same preset again after an interruption resumes where it stopped.
+
+stories260k: calibrate on the first half of tinystories_validation_head.txt, perplexity on the
+    second half (split at a document boundary), window 512 (the model's context).
+smollm2: the reference protocol: SmolLM2-135M-Instruct (embedded GGUF), calibration
+    wiki_passages.txt 128 x 512, WikiText-2 test window 1024 on the first 16,384 tokens, first 300
+    examples of each task (dense perplexity about 22.55).
+"""
+from __future__ import annotations
+
+import os
+import shlex
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[2]
+ASSETS = Path(os.environ.get("SUBFIT_ASSETS", ROOT.parent / "shared" / "assets"))
+DATA = ASSETS / "data"
+TASK_FILES = [str(DATA / "mc_eval" / f"{t}.jsonl") for t in
+              ("piqa", "arc_easy", "arc_challenge", "winogrande", "lambada_openai")]
+
+
+def split_halves(source: Path, folder: Path) -> tuple[Path, Path]:
+    """First half of the documents -> calibration, second half -> held-out evaluation text."""
+    folder.mkdir(parents=True, exist_ok=True)
+    calib, heldout = folder / "calib_first_half.txt", folder / "heldout_second_half.txt"
+    if not (calib.exists() and heldout.exists()):
+        text = source.read_text(encoding="utf-8").replace("\r\n", "\n")
+        cut = text.find("\n\n", len(text) // 2)
+        calib.write_text(text[:cut].strip() + "\n", encoding="utf-8")
+        heldout.write_text(text[cut:].strip() + "\n", encoding="utf-8")
+    return calib, heldout
+
+
+def preset(name: str) -> list[str]:
+    cache = ROOT / "plans" / f"sweep_{name}"
+    out = ROOT / "bench" / "results" / f"sweep_{name}"
+    if name == "stories260k":
+        calib, heldout = split_halves(DATA / "tinystories" / "tinystories_validation_head.txt", cache / "data")
+        return [str(ASSETS / "models" / "stories260K"), "--calib", str(calib), "--calib-samples", "128",
+                "--calib-len", "256", "--ppl", str(heldout), "--window", "512", "--max-tokens", "32768",
+                "--tasks", *TASK_FILES, "--limit", "300", "--agreement", "--map-levels", "0.25", "0.375",
+                "--title", "SubFit quality sweep: stories260K (TinyStories held-out half; MC tasks near chance)",
+                "--cache", str(cache), "--out", str(out)]
+    if name == "smollm2":
+        return ["--calib", str(DATA / "calib" / "wiki_passages.txt"), "--calib-samples", "128", "--calib-len", "512",
+                "--ppl", str(DATA / "wikitext-2-raw" / "wiki.test.raw"), "--window", "1024", "--max-tokens", "16384",
+                "--tasks", *TASK_FILES, "--limit", "300",
+                "--title", "SubFit quality sweep: SmolLM2-135M-Instruct (WikiText-2, 300 examples per task)",
+                "--cache", str(cache), "--out", str(out)]
+    raise SystemExit(f"unknown preset {name!r}: choose stories260k or smollm2")
+
+
+def main(argv: list[str]) -> int:
+    if not argv or argv[0] not in ("stories260k", "smollm2"):
+        raise SystemExit(__doc__)
+    args = ["sweep", *preset(argv[0]), *[a for a in argv[1:] if a != "--print"]]
+    print("subfit " + " ".join(shlex.quote(a) for a in args), flush=True)
+    if "--print" in argv:
+        return 0
+    from subfit.cli import main as subfit_main
+
+    return subfit_main(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

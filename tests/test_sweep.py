@@ -1,0 +1,109 @@
+"""The sweep on stories260K, small: every output is written, the cache makes a second run
+recompute nothing, an interrupted sweep resumes, and a cache made with other settings is refused."""
+import json
+
+import pytest
+
+from subfit.cli import main
+from subfit.plan import Plan
+from subfit.sweep import SweepConfig, run_sweep
+
+METHODS = ["subfit", "subfit-layer", "shortgpt", "replaceme", "llm-drop"]
+LEVELS = [0.125, 0.25]
+
+
+@pytest.fixture(scope="module")
+def files(tinystories_file, tmp_path_factory):
+    """Calibration and held-out text from two halves of the TinyStories file, and two task files
+    in two of the supported formats."""
+    folder = tmp_path_factory.mktemp("sweep_data")
+    text = tinystories_file.read_text()
+    calib, heldout = folder / "calib.txt", folder / "heldout.txt"
+    calib.write_text(text[:60_000])
+    heldout.write_text(text[-12_000:])
+    choice = folder / "pets.jsonl"
+    choice.write_text("\n".join(json.dumps({"query": f"Question: Tim had a {a}. What did Tim have?\nAnswer:",
+                                            "choices": [a, b], "gold": 0})
+                                for a, b in [("dog", "car"), ("cat", "tree"), ("ball", "sun"), ("toy", "moon")]))
+    cloze = folder / "cloze.jsonl"
+    cloze.write_text("\n".join(json.dumps({"context": c, "continuation": w}) for c, w in [
+        ("Once upon a time, there was a little girl named Lily. She liked to play with her", "toys"),
+        ("The sun was shining and the birds were", "singing")]))
+    return calib, heldout, [str(choice), str(cloze)]
+
+
+def config(stories_dir, files, tmp_path, **changes):
+    calib, heldout, tasks = files
+    base = dict(model=str(stories_dir), calib=str(calib), out=str(tmp_path / "results" / "sweep"),
+                cache=str(tmp_path / "cache"), ppl=str(heldout), tasks=tasks, calib_samples=16, calib_len=64,
+                levels=LEVELS, methods=METHODS, window=256, max_tokens=2048, limit=None, agreement=True,
+                subfit={"rounds": 1, "score_samples": 8}, map_levels=[0.25, 0.125])
+    return SweepConfig(**{**base, **changes})
+
+
+def test_sweep_outputs_cache_and_resume(stories_dir, files, tmp_path):
+    results = run_sweep(config(stories_dir, files, tmp_path))
+    rows = {(r["method"], r["level"]): r for r in results["rows"]}
+    assert set(rows) == {(m, l) for m in METHODS for l in LEVELS}
+    # Whole layers do not fit in 12.5% of stories260K's block parameters: said, not hidden.
+    assert "Raise the sparsity" in rows[("subfit-layer", 0.125)]["error"]
+    for key, row in rows.items():
+        if "error" in row:
+            continue
+        assert row["sparsity"] == row["removed_params"] / results["model"]["block_params"]
+        assert row["ppl"] > results["dense"]["ppl"] * 0.5 and row["ppl_ratio"] == row["ppl"] / results["dense"]["ppl"]
+        assert 0 <= row["top1_agreement"] <= 1 and row["kl"] >= 0
+        assert set(row["tasks"]) == {"pets", "cloze"} and row["mean_retention"] >= 0
+        assert len(row["layer_map"].split()) == 5 and row["removed_units"]
+    assert rows[("replaceme", 0.25)]["bypass_params"] > 0 and rows[("shortgpt", 0.25)]["bypass_params"] == 0
+    assert rows[("subfit", 0.25)]["kv_reduction"] == rows[("subfit", 0.25)]["removed_attn"] / 5
+    out = tmp_path / "results" / "sweep"
+    md = (tmp_path / "results" / "sweep.md").read_text()
+    assert "| subfit |" in md and "Perplexity ratio" in md and "n/a" in md
+    for suffix in ("_quality.png", "_layers.png", "_layers_0.125.png"):
+        png = (tmp_path / "results" / f"sweep{suffix}").read_bytes()
+        assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 10_000
+    assert json.loads((tmp_path / "results" / "sweep.json").read_text())["rows"] == json.loads(json.dumps(results["rows"]))
+
+    # A second run recomputes nothing: no walk, no plan, no evaluation is redone.
+    cache = tmp_path / "cache"
+    stamps = {p: p.stat().st_mtime_ns for p in cache.rglob("*") if p.is_file()}
+    again = run_sweep(config(stories_dir, files, tmp_path))
+    assert {p: p.stat().st_mtime_ns for p in cache.rglob("*") if p.is_file()} == stamps
+    assert again["computed_this_run"] == {"walks": [], "plans": [], "evals": []}
+    assert again["rows"] == results["rows"]
+
+    # Interrupted after all but one plan: only that one is made (and evaluated) again, identically.
+    lost = cache / "plans" / "replaceme@0.25"
+    before = Plan.load(lost)
+    for p in lost.iterdir():
+        p.unlink()
+    lost.rmdir()
+    (cache / "evals" / "replaceme@0.25.json").unlink()
+    resumed = run_sweep(config(stories_dir, files, tmp_path))
+    # The dense scores come from the cache; ReplaceMe's fit walk is redone for the lost level only.
+    assert resumed["computed_this_run"] == {"walks": ["replaceme_fit"], "plans": ["replaceme@0.25"],
+                                            "evals": ["replaceme@0.25"]}
+    after = Plan.load(lost)
+    assert after.attn == before.attn and all((after.tensors[k] - before.tensors[k]).abs().max() < 1e-6
+                                             for k in before.tensors)
+    redone = {lost / "plan.json", lost / "bypass.safetensors", cache / "evals" / "replaceme@0.25.json",
+              cache / "timings.json"}
+    assert [p for p, t in stamps.items() if p not in redone and p.stat().st_mtime_ns != t] == []
+
+    # Other calibration settings never mix with this cache.
+    with pytest.raises(ValueError, match="other settings"):
+        run_sweep(config(stories_dir, files, tmp_path, calib_samples=12))
+
+
+def test_sweep_command(stories_dir, files, tmp_path, capsys):
+    calib, heldout, tasks = files
+    out = tmp_path / "cli"
+    assert main(["sweep", str(stories_dir), "--calib", str(calib), "--calib-samples", "12", "--calib-len", "64",
+                 "--ppl", str(heldout), "--window", "256", "--max-tokens", "1024", "--tasks", tasks[0],
+                 "--methods", "uidl", "llm-drop", "--levels", "0.25", "--map-levels", "0.25",
+                 "--cache", str(tmp_path / "c"), "--out", str(out)]) == 0
+    assert "| uidl |" in capsys.readouterr().out
+    report = json.loads(out.with_suffix(".json").read_text())
+    assert [r["method"] for r in report["rows"]] == ["uidl", "llm-drop"]
+    assert (tmp_path / "cli_layers.png").exists() and (tmp_path / "cli_quality.png").exists()
