@@ -10,7 +10,7 @@ from pathlib import Path
 from rich.console import Console
 from rich.table import Table
 
-from subfit.runtime.cli import add_commands as add_runtime_commands, positive_int
+from subfit.runtime.cli import add_commands as add_runtime_commands, number, positive_int
 
 console = Console(stderr=True)
 
@@ -31,14 +31,8 @@ EVAL_EXAMPLES = """examples:
 def _sparsity(text: str) -> float:
     from subfit.compress import MAX_SPARSITY
 
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a fraction like 0.25, got {text!r}") from None
-    if not 0.0 <= value <= MAX_SPARSITY:
-        raise argparse.ArgumentTypeError(f"{text} is out of range: give a fraction of transformer-block "
-                                         f"parameters between 0 and {MAX_SPARSITY}, e.g. 0.25")
-    return value
+    return number(float, lambda v: 0.0 <= v <= MAX_SPARSITY,
+                  f"a sparsity (fraction of transformer-block parameters) between 0 and {MAX_SPARSITY}, e.g. 0.25")(text)
 
 
 def add_compress(sub) -> None:

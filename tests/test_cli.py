@@ -37,7 +37,7 @@ def test_compress_then_eval(stories_dir, small_text, tmp_path, capsys):
 
 
 @pytest.mark.parametrize("argv,message", [
-    (["compress", "--sparsity", "0.9", "--out", "p"], "out of range"),
+    (["compress", "--sparsity", "0.9", "--out", "p"], "between 0 and 0.75, e.g. 0.25, got 0.9"),
     (["compress", "--sparsity", "0.25", "--calib", "x.txt", "--out", "p"], "x.txt does not exist"),
     (["eval", "somewhere", "--ppl", "missing.txt"], "missing.txt does not exist"),
     (["eval", "somewhere"], "nothing to evaluate"),

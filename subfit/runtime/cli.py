@@ -22,44 +22,23 @@ BENCH_EXAMPLES = """examples:
 DTYPES = ("float32", "float16", "bfloat16")
 
 
-def positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text}")
-    return value
+def number(convert, valid, expected: str):
+    """An argparse type: `convert` the text, and refuse it unless `valid(value)`, saying what was expected."""
+    def parse(text: str):
+        try:
+            value = convert(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected {expected}, got {text!r}") from None
+        if not valid(value):
+            raise argparse.ArgumentTypeError(f"expected {expected}, got {text}")
+        return value
+    return parse
 
 
-def _temperature(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number >= 0, got {text!r}") from None
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"temperature must be >= 0 (0 = greedy), got {text}")
-    return value
-
-
-def _probability(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number in (0, 1], got {text!r}") from None
-    if not 0 < value <= 1:
-        raise argparse.ArgumentTypeError(f"top-p must be in (0, 1], got {text}")
-    return value
-
-
-def _sparsity(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a fraction like 0.25, got {text!r}") from None
-    if not 0 < value < 1:
-        raise argparse.ArgumentTypeError(f"sparsity must be in (0, 1), got {text}")
-    return value
+positive_int = number(int, lambda v: v >= 1, "a positive integer")
+_temperature = number(float, lambda v: v >= 0, "a temperature >= 0 (0 = greedy)")
+_probability = number(float, lambda v: 0 < v <= 1, "a top-p in (0, 1]")
+_sparsity = number(float, lambda v: 0 < v < 1, "a sparsity in (0, 1)")
 
 
 def _common(p: argparse.ArgumentParser) -> None:

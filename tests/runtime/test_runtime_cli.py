@@ -32,11 +32,11 @@ def test_generate_plan_with_sampling(stories, plan_of, tmp_path, capsys):
 
 @pytest.mark.parametrize("argv, message", [
     (["generate", "x", "--prompt", "a", "--max-new-tokens", "0"], "positive integer"),
-    (["generate", "x", "--prompt", "a", "--temperature", "-1"], "temperature must be >= 0"),
-    (["generate", "x", "--prompt", "a", "--top-p", "1.5"], "top-p must be in (0, 1]"),
+    (["generate", "x", "--prompt", "a", "--temperature", "-1"], "a temperature >= 0"),
+    (["generate", "x", "--prompt", "a", "--top-p", "1.5"], "a top-p in (0, 1]"),
     (["generate", "x", "--prompt", "a", "--dtype", "int8"], "invalid choice"),
     (["generate", "x"], "--prompt"),
-    (["bench", "--synthetic", "1.5"], "sparsity must be in (0, 1)"),
+    (["bench", "--synthetic", "1.5"], "a sparsity in (0, 1)"),
 ])
 def test_bad_arguments(argv, message, capsys):
     with pytest.raises(SystemExit):
