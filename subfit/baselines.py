@@ -14,11 +14,12 @@ executor, the evaluation and the runtime run them exactly like a SubFit plan).
   `down = W [d, d]`, `up = I [d, d]`, `bias [d]`; every other unit of the block is deleted. (The
   paper folds its map into the preceding layer's down projection and adds no parameters; here
   the plan accounting counts the bypass's 2 d^2 + d parameters, identity included.)
-- LLM-Drop (He et al. 2024, "What Matters in Transformers?"): delete the attention and
-  FeedForward submodules whose residual stream changes least, importance = 1 - E_tokens
-  cos(h_before, h_after), one shot, no fit. Attention and FeedForward units differ in size, so
-  the budget is filled like SubFit's: the most redundant units of each kind first, the mix that
-  fills the budget best, then the least summed importance (`selection.greedy_select`).
+- LLM-Drop (He et al. 2024, "What Matters in Transformers?", joint layer drop): delete the
+  attention and FeedForward submodules whose residual stream changes least, importance =
+  1 - E_tokens cos(h_before, h_after), one shot, no fit. As in the paper, both kinds share one
+  ranking by importance, regardless of size; under a parameter budget each unit in that order is
+  dropped if it still fits (otherwise skipped). (Ranking by summed importance per parameter
+  instead would favour the three-times-larger FeedForwards, which the paper's rule does not.)
 
 Budgets are SubFit's: removed transformer-block parameters / all block parameters. The whole-layer
 methods remove round(sparsity * block params / layer params) layers (the nearest whole number);
@@ -42,7 +43,6 @@ from subfit import models
 from subfit.fitting import LinearFit, full_fit
 from subfit.models import UNIT_KINDS, Decoder, ModelSource
 from subfit.plan import Plan
-from subfit.selection import greedy_select, group_sizes
 from subfit.stats import UnitStats, token_weights, walk
 
 MAX_SPARSITY = 0.75
@@ -196,12 +196,17 @@ def uidl_block(scores: DenseScores, n: int) -> tuple[int, float]:
 
 
 def llm_drop_units(scores: DenseScores, unit_params: dict[str, int], quota: int) -> list[tuple[str, int]]:
-    """Units of least importance (1 - cos) filling `quota` parameters as well as the unit sizes allow."""
+    """LLM-Drop's joint drop under a parameter budget: attention and FeedForward units in one
+    ranking by importance (1 - cos, least first, whatever their size); each is dropped if it
+    still fits in `quota`, otherwise skipped for the next."""
     importance = scores.unit_importance()
-    groups = [((k, l),) for l in range(scores.num_layers) for k in UNIT_KINDS]
-    chosen = greedy_select({g: float(importance[g[0][0]][g[0][1]]) for g in groups},
-                           group_sizes(groups, unit_params), quota)
-    return sorted((u for g in chosen for u in g), key=lambda u: (u[1], u[0]))
+    ranked = sorted(((float(importance[k][l]), l, k) for l in range(scores.num_layers) for k in UNIT_KINDS))
+    chosen, used = [], 0
+    for _, layer, kind in ranked:
+        if used + unit_params[kind] <= quota:
+            chosen.append((kind, layer))
+            used += unit_params[kind]
+    return sorted(chosen, key=lambda u: (u[1], u[0]))
 
 
 # ---------------------------------------------------------------------------------------------

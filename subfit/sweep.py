@@ -79,10 +79,18 @@ class SweepConfig:
     progress: bool = False
 
     def plan_key(self, fingerprint: str) -> dict:
-        """Everything a plan depends on: a cache made under another key is not reused."""
+        """Everything a plan depends on, compress()'s defaults included (a changed default makes
+        other SubFit plans): a cache made under another key is not reused."""
+        import inspect
+
+        from subfit.compress import compress
+
+        defaults = {name: p.default for name, p in inspect.signature(compress).parameters.items()
+                    if name not in ("progress", "device", "tokenizer", "calib", "model", "sparsity")
+                    and isinstance(p.default, (int, float, str, bool))}
         return {"fingerprint": fingerprint, "model": self.model, "calib": self.calib,
                 "calib_samples": self.calib_samples, "calib_len": self.calib_len, "seed": self.seed,
-                "subfit": self.subfit, "ridge": self.ridge}
+                "subfit": self.subfit, "ridge": self.ridge, "compress_defaults": defaults}
 
     def eval_key(self) -> dict:
         files = [self.ppl, *self.tasks]
@@ -162,7 +170,7 @@ def run_sweep(config: SweepConfig) -> dict:
     walk_args = dict(batch_size=config.walk_batch, device=config.device, progress=config.progress)
     timings = cache / "timings.json"  # seconds of the shared walks, kept across resumed runs
     shared_seconds: dict[str, float] = json.loads(timings.read_text()) if timings.exists() else {}
-    computed: dict[str, list[str]] = {"walks": [], "plans": [], "evals": []}  # what this run did itself
+    computed: dict[str, list[str]] = {"walks": [], "plans": [], "evals": [], "reused_evals": []}  # this run's work
 
     # 1. plans ---------------------------------------------------------------------------------
     plans: dict[tuple[str, float], Plan] = {}
@@ -250,8 +258,10 @@ def run_sweep(config: SweepConfig) -> dict:
     device = next(model.parameters()).device
     dense_ref = ReferenceModel(model)
 
-    def on_device(fn):
-        return lambda ids: fn(ids.to(device))
+    def on_device(ref):
+        """The executor itself on CPU (keeps its `logits_at` fast path); elsewhere a wrapper that
+        moves the token ids to the model's device first."""
+        return ref if device.type == "cpu" else _OnDevice(ref, device)
 
     def evaluated(tag: str, plan) -> tuple[dict, float | None]:
         path = cache / "evals" / f"{tag}.json"
@@ -260,6 +270,13 @@ def run_sweep(config: SweepConfig) -> dict:
             blob = json.loads(path.read_text())
             if blob.get("settings") == settings:
                 return blob["report"], blob.get("seconds")
+        twin = next((other for other in sorted((cache / "evals").glob("*.json")) if other != path
+                     and json.loads(other.read_text()).get("settings") == settings), None)
+        if twin is not None:  # another method made the very same plan (e.g. ShortGPT and UIDL): same scores
+            blob = {**json.loads(twin.read_text()), "same_plan_as": twin.stem}
+            path.write_text(json.dumps(blob, indent=1))
+            computed["reused_evals"].append(tag)
+            return blob["report"], blob.get("seconds")
         t = time.perf_counter()
         fn = on_device(ReferenceModel(model, plan)) if plan is not None else on_device(dense_ref)
         report = evaluate(fn, tokenizer, ppl=config.ppl, tasks=config.tasks, limit=config.limit,
@@ -302,6 +319,17 @@ def run_sweep(config: SweepConfig) -> dict:
     }
     results["outputs"] = [str(p) for p in write_outputs(results, config.out, config.map_levels)]
     return results
+
+
+class _OnDevice:
+    def __init__(self, ref, device):
+        self.ref, self.device = ref, device
+
+    def __call__(self, ids):
+        return self.ref(ids.to(self.device))
+
+    def logits_at(self, ids, index):
+        return self.ref.logits_at(ids.to(self.device), index.to(self.device))
 
 
 def _dense_metrics(report: dict) -> dict:
@@ -509,11 +537,11 @@ def plot(results: dict, out: str | os.PathLike, map_levels=(0.25,)) -> list[Path
         fig, axes = plt.subplots(1, len(panels), figsize=(6.2 * len(panels), 4.6), squeeze=False)
         for ax, (key, label) in zip(axes[0], panels):
             for m in methods:
-                pts = sorted((r["level"], r["sparsity"], r[key]) for r in rows if r["method"] == m and key in r)
+                pts = sorted((r["sparsity"], r["level"], r[key]) for r in rows if r["method"] == m and key in r)
                 if not pts:
                     continue
                 color, ls, marker = STYLE.get(m, ("gray", "-", "o"))
-                ax.plot([p[1] for p in pts], [p[2] for p in pts], ls, marker=marker, color=color, label=m,
+                ax.plot([p[0] for p in pts], [p[2] for p in pts], ls, marker=marker, color=color, label=m,
                         lw=2.4 if m == "subfit" else 1.5, ms=7 if m == "subfit" else 5, alpha=0.9)
             if key == "ppl_ratio":
                 ax.set_yscale("log")

@@ -56,6 +56,11 @@ def test_sweep_outputs_cache_and_resume(stories_dir, files, tmp_path):
         assert set(row["tasks"]) == {"pets", "cloze"} and row["mean_retention"] >= 0
         assert len(row["layer_map"].split()) == 5 and row["removed_units"]
     assert rows[("replaceme", 0.25)]["bypass_params"] > 0 and rows[("shortgpt", 0.25)]["bypass_params"] == 0
+    # 12.5% and 25% both round to one layer here: the same plan is evaluated once.
+    assert rows[("shortgpt", 0.125)]["removed_units"] == rows[("shortgpt", 0.25)]["removed_units"]
+    assert "shortgpt@0.25" in results["computed_this_run"]["reused_evals"]
+    assert "shortgpt@0.25" not in results["computed_this_run"]["evals"]
+    assert rows[("shortgpt", 0.125)]["ppl"] == rows[("shortgpt", 0.25)]["ppl"]
     assert rows[("subfit", 0.25)]["kv_reduction"] == rows[("subfit", 0.25)]["removed_attn"] / 5
     out = tmp_path / "results" / "sweep"
     md = (tmp_path / "results" / "sweep.md").read_text()
@@ -70,7 +75,7 @@ def test_sweep_outputs_cache_and_resume(stories_dir, files, tmp_path):
     stamps = {p: p.stat().st_mtime_ns for p in cache.rglob("*") if p.is_file()}
     again = run_sweep(config(stories_dir, files, tmp_path))
     assert {p: p.stat().st_mtime_ns for p in cache.rglob("*") if p.is_file()} == stamps
-    assert again["computed_this_run"] == {"walks": [], "plans": [], "evals": []}
+    assert again["computed_this_run"] == {"walks": [], "plans": [], "evals": [], "reused_evals": []}
     assert again["rows"] == results["rows"]
 
     # Interrupted after all but one plan: only that one is made (and evaluated) again, identically.
@@ -82,8 +87,9 @@ def test_sweep_outputs_cache_and_resume(stories_dir, files, tmp_path):
     (cache / "evals" / "replaceme@0.25.json").unlink()
     resumed = run_sweep(config(stories_dir, files, tmp_path))
     # The dense scores come from the cache; ReplaceMe's fit walk is redone for the lost level only.
-    assert resumed["computed_this_run"] == {"walks": ["replaceme_fit"], "plans": ["replaceme@0.25"],
-                                            "evals": ["replaceme@0.25"]}
+    done = resumed["computed_this_run"]
+    assert done["walks"] == ["replaceme_fit"] and done["plans"] == ["replaceme@0.25"]
+    assert done["evals"] + done["reused_evals"] == ["replaceme@0.25"]  # (its twin at 12.5% may supply the scores)
     after = Plan.load(lost)
     assert after.attn == before.attn and all((after.tensors[k] - before.tensors[k]).abs().max() < 1e-6
                                              for k in before.tensors)
