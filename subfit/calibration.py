@@ -76,7 +76,8 @@ def from_model(model, tokenizer, n: int, length: int, seed: int = 0, batch_size:
         prompt = torch.full((rows, 1), start, dtype=torch.long, device=device)
         out = model.generate(
             prompt, do_sample=True, temperature=1.0, top_k=0, top_p=1.0, max_new_tokens=length - 1,
-            min_new_tokens=length - 1, pad_token_id=start, eos_token_id=None,
+            min_new_tokens=length - 1, eos_token_id=None,
+            pad_token_id=tokenizer.eos_token_id if tokenizer.eos_token_id not in (None, start) else start,
         )
         batches.append(out[:, :length].cpu())
     return torch.cat(batches)
