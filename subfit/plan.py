@@ -14,6 +14,8 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
+from subfit.models import same_weights
+
 FORMAT_VERSION = 1
 ACTIONS = ("keep", "bypass", "delete")
 PLAN_FILE = "plan.json"
@@ -230,8 +232,6 @@ class Plan:
                 f"({self.base.get('path')}), but the model given has fingerprint {decoder.fingerprint()} "
                 "(different config or weight shapes). Load the plan's base model."
             )
-        from subfit.models import same_weights
-
         if not same_weights(decoder.weight_signature(), self.base["weight_signature"]):
             raise PlanError(
                 "The model given has the plan's shapes but different weights (another checkpoint of the same "
