@@ -9,6 +9,7 @@ import os
 from pathlib import Path
 
 import torch
+from tqdm.auto import tqdm
 
 SELF = "self"
 
@@ -71,7 +72,7 @@ def from_model(model, tokenizer, n: int, length: int, seed: int = 0, batch_size:
     device = next(model.parameters()).device
     torch.manual_seed(seed)
     batches = []
-    for first in range(0, n, batch_size):
+    for first in tqdm(range(0, n, batch_size), desc="sampling calibration text", leave=False):
         rows = min(batch_size, n - first)
         prompt = torch.full((rows, 1), start, dtype=torch.long, device=device)
         out = model.generate(
