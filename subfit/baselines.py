@@ -375,7 +375,7 @@ def compress_baseline(
     `scores` (from `dense_scores` on the same model and tokens) skips the scoring walk; `fit`
     (ReplaceMe only) skips the fitting walk for the block it was fitted on. `ridge` is ReplaceMe's
     (default REPLACEME_RIDGE) or SubFit's. For "subfit", `subfit_options` go to
-    `subfit.compress.compress` (granularity=, contiguous=, bypass=, rounds=, ...).
+    `subfit.compress.compress` (granularity=, contiguous=, bypass=, step=, ...).
     """
     if method not in METHODS:
         raise ValueError(f"Unknown method {method!r}; choose one of {', '.join(METHODS)}.")

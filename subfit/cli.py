@@ -60,7 +60,8 @@ def add_compress(sub) -> None:
                    help="ridge, relative to input variance (default 1e-3 for subfit, 1e-4 for replaceme)")
     p.add_argument("--score", default="output-kl", choices=["output-kl", "bypass-error", "bypass-error-global"],
                    help="unit score (default output-kl: effect on the next-token distribution)")
-    p.add_argument("--rounds", type=positive_int, default=4, help="greedy re-scoring rounds (default 4)")
+    p.add_argument("--step", type=_sparsity, default=None,
+                   help="sparsity committed per greedy scoring walk (default 0.125: 2 walks for 0.25)")
     p.add_argument("--score-samples", type=positive_int, default=32,
                    help="calibration sequences used for scoring rounds (default 32)")
     p.add_argument("--device", default=None, help="device for the layer-by-layer walk, e.g. cuda (default cpu)")
@@ -88,9 +89,10 @@ def run_compress(args) -> int:
     if args.method == "subfit":
         plan = compress(model, args.sparsity, args.calib, tokenizer=tokenizer, calib_samples=args.calib_samples,
                         calib_len=args.calib_len, seed=args.seed, attn_rank=args.attn_rank, ffn_rank=args.ffn_rank,
-                        ridge=1e-3 if args.ridge is None else args.ridge, score=args.score, rounds=args.rounds,
+                        ridge=1e-3 if args.ridge is None else args.ridge, score=args.score,
                         score_samples=args.score_samples, granularity=args.granularity,
-                        contiguous=args.contiguous, bypass=not args.no_bypass, device=args.device)
+                        contiguous=args.contiguous, bypass=not args.no_bypass, device=args.device,
+                        **({"step": args.step} if args.step else {}))
     else:
         from subfit import calibration
         from subfit.baselines import compress_baseline

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import math
 import os
+from typing import Sequence
 
 import torch
 
@@ -10,10 +11,11 @@ from subfit import calibration, models
 from subfit.fitting import LinearFit, fit_in_basis, reduced_rank_fit, shared_basis
 from subfit.models import UNIT_KINDS, Decoder
 from subfit.plan import FFN_BASIS, Bypass, Plan
-from subfit.selection import SCORES, best_window, greedy_select, group_sizes
+from subfit.selection import SCORES, Group, best_window, greedy_select, group_sizes
 from subfit.stats import Unit, output_effects, walk
 
 MAX_SPARSITY = 0.75
+STEP = 0.125  # sparsity committed per scoring walk (2 walks at 25%, 3 at 37.5%)
 
 
 def default_ranks(hidden_size: int) -> tuple[int, int]:
@@ -25,12 +27,15 @@ def default_ranks(hidden_size: int) -> tuple[int, int]:
 GRANULARITIES = ("unit", "layer")
 
 
-def _check_args(sparsity: float, rounds: int, ridge: float, score: str, granularity: str) -> None:
-    if not isinstance(sparsity, (int, float)) or not 0.0 <= sparsity <= MAX_SPARSITY or math.isnan(sparsity):
-        raise ValueError(f"sparsity={sparsity!r} is out of range: give a fraction of transformer-block parameters "
-                         f"between 0 and {MAX_SPARSITY} (e.g. 0.125, 0.25, 0.375).")
-    if rounds < 1:
-        raise ValueError(f"rounds={rounds} must be at least 1.")
+def _check_args(levels: Sequence[float], step: float, ridge: float, score: str, granularity: str) -> None:
+    if not levels:
+        raise ValueError("Give at least one sparsity level.")
+    for sparsity in levels:
+        if not isinstance(sparsity, (int, float)) or math.isnan(sparsity) or not 0.0 <= sparsity <= MAX_SPARSITY:
+            raise ValueError(f"sparsity={sparsity!r} is out of range: give a fraction of transformer-block "
+                             f"parameters between 0 and {MAX_SPARSITY} (e.g. 0.125, 0.25, 0.375).")
+    if not 0 < step <= MAX_SPARSITY:
+        raise ValueError(f"step={step} must be in (0, {MAX_SPARSITY}]: the sparsity committed per scoring walk.")
     if ridge <= 0:
         raise ValueError(f"ridge={ridge} must be positive (e.g. 1e-3): it keeps every solve well conditioned.")
     if score not in SCORES:
@@ -39,9 +44,26 @@ def _check_args(sparsity: float, rounds: int, ridge: float, score: str, granular
         raise ValueError(f"Unknown granularity {granularity!r}; choose one of {GRANULARITIES}.")
 
 
-def compress(
+def infeasible(plan: Plan, sparsity: float, granularity: str = "unit") -> str | None:
+    """Why `sparsity` cannot be reached on `plan`'s model at `granularity` (None if it can)."""
+    sizes = plan.unit_params if granularity == "unit" else {"layer": sum(plan.unit_params.values())}
+    smallest, quota = min(sizes.values()), int(sparsity * plan.block_params)
+    if sparsity > 0 and quota < smallest:
+        return (f"sparsity={sparsity} allows {quota:,} parameters, less than the smallest removable {granularity} "
+                f"({smallest:,} = {smallest / plan.block_params:.4f} of block parameters). Raise the sparsity.")
+    return None
+
+
+def compress(model=None, sparsity: float = 0.25, calib: str | os.PathLike | torch.Tensor | None = None,
+             **options) -> Plan:
+    """Compress `model` (a Hugging Face model, or a hub id / folder / .gguf path; None = SmolLM2)
+    to `sparsity` and return the plan. `calib` and `options` are those of `compress_levels`."""
+    return compress_levels(model, [sparsity], calib, **options)[0]
+
+
+def compress_levels(
     model=None,
-    sparsity: float = 0.25,
+    levels: Sequence[float] = (0.25,),
     calib: str | os.PathLike | torch.Tensor | None = None,
     *,
     tokenizer=None,
@@ -52,7 +74,7 @@ def compress(
     ffn_rank: int | None = None,
     ridge: float = 1e-3,
     score: str = "output-kl",
-    rounds: int = 4,
+    step: float = STEP,
     score_samples: int = 32,
     probe_samples: int = 2,
     shortlist: int = 24,
@@ -62,19 +84,20 @@ def compress(
     batch_size: int = 8,
     device: str | torch.device | None = None,
     progress: bool = True,
-) -> Plan:
-    """Compress `model` (a Hugging Face model, or a hub id / folder / .gguf path; None = SmolLM2)
-    to `sparsity` and return the plan.
+) -> list[Plan]:
+    """One plan per sparsity level (in the order given), each exactly what `compress` makes at
+    that level; the first scoring walk, the same for all, is made once.
 
     `calib` is a token tensor [N, L], a text file, `hf:ID[:CONFIG[:SPLIT]]`, or None to sample
-    text from the model itself. Units are chosen greedily over `rounds` walks on `score_samples`
-    of the sequences, each walk re-scoring with the removals so far in place (with the
-    `output-kl` score, the `shortlist` best units by local score are re-ranked by their effect on
-    the output of `probe_samples` sequences); a final walk over all sequences fits every bypass
-    sequentially. Ablations: `granularity="layer"` removes whole layers, `contiguous=True` one
-    contiguous run of units, `bypass=False` deletes the chosen units instead of fitting bypasses.
+    text from the model itself. Units are chosen greedily: each scoring walk on `score_samples`
+    sequences re-scores every kept unit with the removals so far in place and commits about `step`
+    more sparsity, the safest part of its plan for the level (with the `output-kl` score, the
+    `shortlist` best units by local score are re-ranked by their effect on the output of
+    `probe_samples` sequences); a final walk over all sequences fits the bypasses sequentially. Ablations: `granularity="layer"` removes whole
+    layers, `contiguous=True` one contiguous run of units, `bypass=False` deletes the chosen units.
     """
-    _check_args(sparsity, rounds, ridge, score, granularity)
+    levels = list(levels)
+    _check_args(levels, step, ridge, score, granularity)
     if model is None or isinstance(model, (str, os.PathLike)):
         model, tokenizer, _ = models.load(model)
     decoder = Decoder(model)
@@ -90,100 +113,136 @@ def compress(
         calib_info = calibration.describe(None if calib is None else str(calib), calib_ids, seed)
 
     default_attn, default_ffn = default_ranks(decoder.hidden_size)
-    attn_rank, ffn_rank = attn_rank or default_attn, ffn_rank or default_ffn
-    plan = Plan.empty(decoder, source)
-    unit_params = plan.unit_params
+    ranks = {"attn": attn_rank or default_attn, "ffn": ffn_rank or default_ffn}
+    empty = Plan.empty(decoder, source)
     if granularity == "layer":
         groups = [tuple((k, i) for k in UNIT_KINDS) for i in range(decoder.num_layers)]
     else:
         groups = [((k, i),) for i in range(decoder.num_layers) for k in UNIT_KINDS]
-    sizes = group_sizes(groups, unit_params)
-    quota = int(sparsity * plan.block_params)
-    smallest = min(sizes.values())
-    if sparsity > 0 and quota < smallest:
-        raise ValueError(f"sparsity={sparsity} allows {quota:,} parameters, less than the smallest removable "
-                         f"{granularity} ({smallest:,} = {smallest / plan.block_params:.4f} of block parameters). "
-                         "Raise the sparsity.")
-    scorer = SCORES[score]
-    walk_args = dict(weighting=scorer.weighting, batch_size=batch_size, device=device, progress=progress)
-    ranks = {"attn": attn_rank, "ffn": ffn_rank}
+    sizes = group_sizes(groups, empty.unit_params)
+    quotas = [int(s * empty.block_params) for s in levels]
+    for sparsity in levels:
+        problem = infeasible(empty, sparsity, granularity)
+        if problem:
+            raise ValueError(problem)
+    selector = _Selector(decoder, groups, sizes, ranks, ridge, SCORES[score], calib_ids[:max(1, score_samples)],
+                         probe_samples, shortlist, dict(batch_size=batch_size, device=device, progress=progress))
+    plans = []
+    for sparsity, quota in zip(levels, quotas):
+        if contiguous:
+            removed, basis_stats = selector.window(quota)
+        else:
+            removed, basis_stats = selector.trajectory(quota, int(step * empty.block_params))
+        options = {"name": "subfit", "sparsity": sparsity, "score": score, "granularity": granularity,
+                   "contiguous": contiguous, "bypass": bypass, "step": step,
+                   "score_samples": selector.scoring_ids.shape[0], "calibration": calib_info}
+        plan = Plan.empty(decoder, source)
+        if not bypass:
+            for kind, layer in removed:
+                plan.actions(kind)[layer] = "delete"
+        elif removed:
+            errors = _fit_bypasses(plan, decoder, calib_ids, removed, basis_stats, ranks, ridge,
+                                   dict(weighting=SCORES[score].weighting, batch_size=batch_size, device=device,
+                                        progress=progress))
+            options.update(attn_rank=ranks["attn"], ffn_rank=ranks["ffn"], ridge=ridge, bypass_errors=errors)
+        plan.method = options
+        plan.validate()
+        plans.append(plan)
+    return plans
 
-    def candidate_fit(kind: str, layer: int, stats) -> LinearFit:
-        return reduced_rank_fit(stats.moments(), ranks[kind], ridge)
 
-    def as_bypass(fit: LinearFit) -> Bypass:
-        return Bypass(fit.down.float(), fit.up.float(), fit.bias.float())
+def _as_bypass(fit: LinearFit) -> Bypass:
+    return Bypass(fit.down.float(), fit.up.float(), fit.bias.float())
 
-    # Greedy selection: each round re-scores every kept unit with the removals so far in place.
-    # A contiguous run cannot be grown round by round, so it is chosen in one round.
-    rounds = 1 if contiguous else rounds
-    removed: list[Unit] = []
-    removed_bypasses: dict[Unit, Bypass] = {}
-    scoring_ids = calib_ids[: max(1, min(score_samples, calib_ids.shape[0]))]
-    selection_stats: dict = {}
-    for round_index in range(1, rounds + 1 if sparsity > 0 else 1):
-        kept = [g for g in groups if g[0] not in removed]
-        selection_stats.clear()  # free the last walk's statistics before the next one
+
+class _Selector:
+    """Greedy selection by scoring walks: the state of one trajectory (units removed so far and
+    the bypasses they were fitted with in the last walk)."""
+
+    def __init__(self, decoder: Decoder, groups: list[Group], sizes: dict[Group, int], ranks: dict[str, int],
+                 ridge: float, scorer, scoring_ids: torch.Tensor, probe_samples: int, shortlist: int,
+                 walk_args: dict):
+        self.decoder, self.groups, self.sizes, self.ranks, self.ridge = decoder, groups, sizes, ranks, ridge
+        self.scorer, self.scoring_ids, self.probe_samples, self.shortlist = scorer, scoring_ids, probe_samples, shortlist
+        self.walk_args = dict(walk_args, weighting=scorer.weighting)
+        self.walks = 0
+        self.first_walk: dict[bool, tuple[dict[Group, float], dict]] = {}
+
+    def candidate_fit(self, kind: str, layer: int, stats) -> LinearFit:
+        return reduced_rank_fit(stats.moments(), self.ranks[kind], self.ridge)
+
+    def score(self, removed: list[Unit], every_group: bool) -> tuple[dict[Group, float], dict]:
+        """One walk with `removed` bypassed: the damage score of every kept group, and the walk's
+        statistics (of kept and removed units alike). The first walk (nothing removed) is the
+        same for every level and is made once."""
+        if not removed and every_group in self.first_walk:
+            return self.first_walk[every_group]
+        self.walks += 1
+        bypasses: dict[Unit, Bypass] = {}
+        kept = [g for g in self.groups if g[0] not in removed]
 
         def fit_removed(kind: str, layer: int, stats) -> Bypass:
-            removed_bypasses[(kind, layer)] = as_bypass(candidate_fit(kind, layer, stats))
-            return removed_bypasses[(kind, layer)]
+            bypasses[(kind, layer)] = _as_bypass(self.candidate_fit(kind, layer, stats))
+            return bypasses[(kind, layer)]
 
-        selection_stats |= walk(
-            decoder, scoring_ids, actions={u: "bypass" for u in removed}, fit=fit_removed,
-            collect=[u for g in kept for u in g], desc=f"scoring round {round_index}/{rounds}", **walk_args,
-        )
-        fits = {u: candidate_fit(*u, selection_stats[u]) for g in kept for u in g}
-        unit_scores = {u: selection_stats[u].relative_error(f.error) for u, f in fits.items()}
-        if scorer.output_effect:
-            # Only the most promising groups by local score pay for forward passes; a contiguous
-            # run needs every group scored alike.
-            if not contiguous:
-                local = {g: sum(unit_scores[u] for u in g) / sizes[g] for g in kept}
-                kept = sorted(kept, key=local.__getitem__)[:shortlist]
-            unit_scores = output_effects(decoder, scoring_ids[:probe_samples], removed_bypasses,
-                                         {u: as_bypass(fits[u]) for g in kept for u in g})
-        scores = {g: sum(unit_scores[u] for u in g) for g in kept}
-        used = sum(unit_params[k] for k, _ in removed)
-        if contiguous:
-            order = [g for g in groups if g in scores]
-            planned = best_window(order, scores, sizes, quota - used)
-        else:
-            planned = greedy_select(scores, sizes, quota - used)
-        # Plan the whole remaining budget with this round's scores, commit this round's share of
-        # it (safest first); later rounds re-score what is left with these removals in place.
-        share = quota * round_index / rounds
-        for group in sorted(planned, key=lambda g: scores[g] / sizes[g]):
-            if used >= share and round_index < rounds:
-                break
-            removed += group
-            used += sizes[group]
+        stats = walk(self.decoder, self.scoring_ids, actions={u: "bypass" for u in removed}, fit=fit_removed,
+                     collect=[u for g in kept for u in g], desc=f"scoring walk {self.walks}", **self.walk_args)
+        fits = {u: self.candidate_fit(*u, stats[u]) for g in kept for u in g}
+        unit_scores = {u: stats[u].relative_error(f.error) for u, f in fits.items()}
+        if self.scorer.output_effect:
+            # Only the most promising groups by local score pay for forward passes, unless every
+            # group must be scored alike (a contiguous run).
+            if not every_group:
+                local = {g: sum(unit_scores[u] for u in g) / self.sizes[g] for g in kept}
+                kept = sorted(kept, key=local.__getitem__)[:max(1, self.shortlist // len(kept[0]))]
+            unit_scores = output_effects(self.decoder, self.scoring_ids[:self.probe_samples], bypasses,
+                                         {u: _as_bypass(fits[u]) for g in kept for u in g})
+        result = {g: sum(unit_scores[u] for u in g) for g in kept}, stats
+        if not removed:
+            self.first_walk[every_group] = result
+        return result
 
-    if not bypass:
-        for kind, layer in removed:
-            plan.actions(kind)[layer] = "delete"
-        plan.method = {"name": "subfit", "sparsity": sparsity, "score": score, "bypass": False,
-                       "granularity": granularity, "contiguous": contiguous, "rounds": rounds,
-                       "calibration": calib_info}
-        plan.validate()
-        return plan
+    def trajectory(self, quota: int, step: int) -> tuple[list[Unit], dict]:
+        """Greedy removal up to `quota` parameters: each walk plans the room left (the mix of
+        groups that fills it best at the least damage) and commits the safest part of that plan,
+        by damage per parameter, until `step` more parameters are removed; the last walk commits
+        all of it. Returns the removed units and the statistics of the last walk, which saw every
+        one of them."""
+        removed: list[Unit] = []
+        used, stats = 0, {}
+        for mark in [k * step for k in range(1, math.ceil(quota / step))] + [quota] if quota else []:
+            scores, stats = self.score(removed, every_group=False)
+            planned = greedy_select(scores, self.sizes, quota - used)
+            for group in sorted(planned, key=lambda g: scores[g] / self.sizes[g]):
+                if used >= mark:
+                    break
+                removed += group
+                used += self.sizes[group]
+        return removed, stats
 
-    # The shared FeedForward basis comes from the last scoring walk, which saw every chosen FFN.
+    def window(self, quota: int) -> tuple[list[Unit], dict]:
+        """The contiguous ablation: the best run of groups under `quota`, scored in one walk."""
+        scores, stats = self.score([], every_group=True)
+        order = [g for g in self.groups if g in scores]
+        return [u for g in best_window(order, scores, self.sizes, quota) for u in g], stats
+
+
+def _fit_bypasses(plan: Plan, decoder: Decoder, calib_ids: torch.Tensor, removed: list[Unit], basis_stats: dict,
+                  ranks: dict[str, int], ridge: float, walk_args: dict) -> dict[str, float]:
+    """One walk over all calibration sequences fitting every bypass on the inputs the compressed
+    earlier layers give it; the FeedForward bypasses share one input basis, taken from the last
+    scoring walk's statistics of the removed FeedForward units. Returns each bypass's relative error."""
     ffn_units = [u for u in removed if u[0] == "ffn"]
-    basis = None
-    if ffn_units:
-        basis = shared_basis([selection_stats[u].moments() for u in ffn_units], ffn_rank, ridge)
-    selection_stats.clear()
+    basis = shared_basis([basis_stats[u].moments() for u in ffn_units], ranks["ffn"], ridge) if ffn_units else None
     fits: dict[Unit, LinearFit] = {}
 
     def final_fit(kind: str, layer: int, stats) -> Bypass:
         m = stats.moments()
-        fits[(kind, layer)] = reduced_rank_fit(m, attn_rank, ridge) if kind == "attn" else fit_in_basis(m, basis, ridge)
-        return as_bypass(fits[(kind, layer)])
+        fits[(kind, layer)] = reduced_rank_fit(m, ranks["attn"], ridge) if kind == "attn" else fit_in_basis(m, basis, ridge)
+        return _as_bypass(fits[(kind, layer)])
 
     final_stats = walk(decoder, calib_ids, actions={u: "bypass" for u in removed}, fit=final_fit,
-                       desc="fitting bypasses", **walk_args) if removed else {}
-
+                       desc="fitting bypasses", **walk_args)
     for (kind, layer), fit in sorted(fits.items(), key=lambda item: (item[0][1], item[0][0])):
         plan.actions(kind)[layer] = "bypass"
         if kind == "attn":
@@ -192,20 +251,4 @@ def compress(
         plan.tensors[f"{kind}.{layer}.bias"] = fit.bias.float().contiguous()
     if basis is not None:
         plan.tensors[FFN_BASIS] = basis.float().contiguous()
-    plan.method = {
-        "name": "subfit",
-        "sparsity": sparsity,
-        "score": score,
-        "granularity": granularity,
-        "contiguous": contiguous,
-        "bypass": True,
-        "attn_rank": attn_rank,
-        "ffn_rank": ffn_rank,
-        "ridge": ridge,
-        "rounds": rounds,
-        "score_samples": scoring_ids.shape[0],
-        "calibration": calib_info,
-        "bypass_errors": {f"{k}.{i}": final_stats[(k, i)].relative_error(f.error) for (k, i), f in fits.items()},
-    }
-    plan.validate()
-    return plan
+    return {f"{k}.{i}": final_stats[(k, i)].relative_error(f.error) for (k, i), f in fits.items()}

@@ -7,7 +7,7 @@ accounting (parameters removed, bypass parameters, KV cache) is computed here an
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -84,6 +84,13 @@ class Plan:
             block_params=decoder.block_params(),
             method={"name": "none", "sparsity": 0.0},
         )
+
+    def without_bypasses(self) -> "Plan":
+        """The same removals with every bypass dropped (units deleted): what the bypasses add."""
+        method = {**self.method, "bypass": False}
+        method.pop("bypass_errors", None)
+        return replace(self, base=dict(self.base), attn=["delete" if a != "keep" else a for a in self.attn],
+                       ffn=["delete" if a != "keep" else a for a in self.ffn], tensors={}, method=method)
 
     def actions(self, kind: str) -> list[str]:
         return self.attn if kind == "attn" else self.ffn

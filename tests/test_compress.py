@@ -5,7 +5,7 @@ import torch
 
 from subfit import models
 from subfit.calibration import CalibrationError
-from subfit.compress import compress
+from subfit.compress import compress, compress_levels
 from subfit.reference import ReferenceModel
 
 
@@ -19,7 +19,7 @@ def calib_ids(stories, tinystories_file):
 @pytest.mark.parametrize("sparsity", [0.125, 0.1875, 0.25, 0.3125, 0.375])
 def test_budget_is_respected_at_every_level(stories, calib_ids, sparsity):
     model = stories[0]
-    plan = compress(model, sparsity, calib_ids, rounds=2, score_samples=8, progress=False)
+    plan = compress(model, sparsity, calib_ids, step=0.1875, score_samples=8, progress=False)
     acc = plan.accounting()
     attn_fraction = plan.unit_params["attn"] / plan.block_params
     assert acc["sparsity"] <= sparsity + 1e-12
@@ -63,11 +63,32 @@ def test_planted_linear_feedforward_is_chosen_and_fitted_exactly(stories_dir, ca
 
 
 def test_selection_is_submodule_level_and_non_contiguous(stories, calib_ids):
-    plan = compress(stories[0], 0.375, calib_ids, rounds=2, score_samples=8, progress=False)
+    plan = compress(stories[0], 0.375, calib_ids, step=0.1875, score_samples=8, progress=False)
     removed = plan.removed_units()
     assert removed, "nothing removed"
     # Units are chosen one submodule at a time: never forced to take a whole layer.
     assert any((plan.attn[i] == "keep") != (plan.ffn[i] == "keep") for i in range(plan.num_layers))
+
+
+def test_levels_are_each_what_compress_makes(stories, calib_ids):
+    """compress_levels shares the first scoring walk only: each plan is exactly compress()'s."""
+    model = stories[0]
+    levels = [0.3125, 0.125]
+    for level, plan in zip(levels, compress_levels(model, levels, calib_ids, step=0.125, score_samples=8,
+                                                   progress=False)):
+        alone = compress(model, level, calib_ids, step=0.125, score_samples=8, progress=False)
+        assert plan.method["sparsity"] == level and plan.accounting()["sparsity"] <= level + 1e-12
+        assert plan.removed_units() == alone.removed_units() and set(plan.tensors) == set(alone.tensors)
+        assert all(torch.equal(alone.tensors[k], plan.tensors[k]) for k in alone.tensors)
+
+
+def test_deletion_ablation_is_the_same_selection_without_bypasses(stories, calib_ids):
+    plan = compress(stories[0], 0.25, calib_ids, step=0.25, score_samples=8, progress=False)
+    deleted = plan.without_bypasses()
+    assert deleted.removed_units() == plan.removed_units() and not deleted.tensors
+    assert set(deleted.attn + deleted.ffn) <= {"keep", "delete"} and deleted.method["bypass"] is False
+    assert plan.tensors and "bypass" in plan.attn + plan.ffn  # the original is untouched
+    assert deleted.accounting()["sparsity"] == plan.accounting()["sparsity"]
 
 
 @pytest.mark.parametrize("sparsity", [-0.1, 0.9, float("nan"), 0.01])
@@ -96,7 +117,7 @@ def test_unsupported_architecture_is_refused(tmp_path):
 def test_every_family_compresses(family, family_model_dir):
     model, _, _ = models.load(family_model_dir(family))
     ids = torch.randint(0, 512, (8, 48), generator=torch.Generator().manual_seed(0))
-    plan = compress(model, 0.25, ids, rounds=2, progress=False)
+    plan = compress(model, 0.25, ids, step=0.1875, progress=False)
     assert plan.removed_units()
     logits = ReferenceModel(model, plan)(ids[:1])
     assert torch.isfinite(logits).all()

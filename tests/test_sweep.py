@@ -8,7 +8,7 @@ from subfit.cli import main
 from subfit.plan import Plan
 from subfit.sweep import SweepConfig, run_sweep
 
-METHODS = ["subfit", "subfit-layer", "shortgpt", "replaceme", "llm-drop"]
+METHODS = ["subfit", "subfit-layer", "subfit-delete", "shortgpt", "replaceme", "llm-drop"]
 LEVELS = [0.125, 0.25]
 
 
@@ -37,7 +37,7 @@ def config(stories_dir, files, tmp_path, **changes):
     base = dict(model=str(stories_dir), calib=str(calib), out=str(tmp_path / "results" / "sweep"),
                 cache=str(tmp_path / "cache"), ppl=str(heldout), tasks=tasks, calib_samples=16, calib_len=64,
                 levels=LEVELS, methods=METHODS, window=256, max_tokens=2048, limit=None, agreement=True,
-                subfit={"rounds": 1, "score_samples": 8}, map_levels=[0.25, 0.125])
+                subfit={"step": 0.75, "score_samples": 8}, map_levels=[0.25, 0.125])
     return SweepConfig(**{**base, **changes})
 
 
@@ -62,6 +62,9 @@ def test_sweep_outputs_cache_and_resume(stories_dir, files, tmp_path):
     assert "shortgpt@0.25" not in results["computed_this_run"]["evals"]
     assert rows[("shortgpt", 0.125)]["ppl"] == rows[("shortgpt", 0.25)]["ppl"]
     assert rows[("subfit", 0.25)]["kv_reduction"] == rows[("subfit", 0.25)]["removed_attn"] / 5
+    # The deletion ablation is SubFit's own selection, bypasses dropped.
+    assert rows[("subfit-delete", 0.25)]["removed_units"] == rows[("subfit", 0.25)]["removed_units"]
+    assert rows[("subfit-delete", 0.25)]["bypass_params"] == 0
     out = tmp_path / "results" / "sweep"
     md = (tmp_path / "results" / "sweep.md").read_text()
     assert "| subfit |" in md and "Perplexity ratio" in md and "n/a" in md
@@ -113,3 +116,19 @@ def test_sweep_command(stories_dir, files, tmp_path, capsys):
     report = json.loads(out.with_suffix(".json").read_text())
     assert [r["method"] for r in report["rows"]] == ["uidl", "llm-drop"]
     assert (tmp_path / "cli_layers.png").exists() and (tmp_path / "cli_quality.png").exists()
+
+
+def test_retention_is_read_with_and_without_the_secondary_tasks(stories):
+    """The core retention leaves out WinoGrande and LAMBADA (at chance / collapsing on small
+    models); the mean keeps every task."""
+    from subfit.models import Decoder, source_of
+    from subfit.sweep import _row_metrics
+
+    model = stories[0]
+    plan = Plan.empty(Decoder(model), source_of(model))
+    task = lambda acc: {"acc": acc, "acc_norm": acc, "n": 100}  # noqa: E731
+    dense = {"tasks": {"piqa": task(0.6), "arc_easy": task(0.5), "winogrande": task(0.5)}}
+    report = {"tasks": {"piqa": task(0.3), "arc_easy": task(0.5), "winogrande": task(0.5)}}
+    row = _row_metrics(plan, report, dense, "acc")
+    assert row["core_retention"] == pytest.approx(75.0)
+    assert row["mean_retention"] == pytest.approx(250.0 / 3)
