@@ -573,7 +573,7 @@ def plot(results: dict, out: str | os.PathLike, map_levels=(0.25,)) -> list[Path
     paths = []
     panels = [(k, label) for k, label, need in (
         ("mean_retention", f"mean accuracy retention (% of dense, {results['metric']})", "tasks"),
-        ("core_retention", f"retention without {', '.join(SECONDARY_TASKS)} (% of dense)", "tasks"),
+        ("core_retention", "retention without " + "/".join(t.split("_")[0] for t in SECONDARY_TASKS) + " (%)", "tasks"),
         ("ppl_ratio", "perplexity / dense perplexity (log scale)", "ppl"))
         if need in results["dense"] and any(k in r for r in rows)]
     if panels:
