@@ -61,9 +61,9 @@ def add_compress(sub) -> None:
     p.add_argument("--score", default="output-kl", choices=["output-kl", "bypass-error", "bypass-error-global"],
                    help="unit score (default output-kl: effect on the next-token distribution)")
     p.add_argument("--step", type=_sparsity, default=None,
-                   help="sparsity committed per greedy scoring walk (default 0.125: 2 walks for 0.25)")
+                   help="sparsity committed per greedy scoring walk (default 1/32: 8 walks for 0.25)")
     p.add_argument("--score-samples", type=positive_int, default=32,
-                   help="calibration sequences used for scoring rounds (default 32)")
+                   help="calibration sequences used for scoring walks (default 32)")
     p.add_argument("--device", default=None, help="device for the layer-by-layer walk, e.g. cuda (default cpu)")
     p.add_argument("--trust-remote-code", action="store_true", help="allow model code from the hub (off by default)")
     p.add_argument("--out", required=True, help="plan directory to write")

@@ -15,7 +15,7 @@ from subfit.selection import SCORES, Group, best_window, greedy_select, group_si
 from subfit.stats import Unit, output_effects, walk
 
 MAX_SPARSITY = 0.75
-STEP = 0.125  # sparsity committed per scoring walk (2 walks at 25%, 3 at 37.5%)
+STEP = 1 / 32  # sparsity committed per scoring walk (4 walks at 12.5%, 8 at 25%, 12 at 37.5%)
 
 
 def default_ranks(hidden_size: int) -> tuple[int, int]:

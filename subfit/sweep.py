@@ -9,8 +9,10 @@ Everything expensive is cached under `cache/` and reused:
 - ReplaceMe's block maps for all missing levels are fitted in one more (partial) walk;
 - `plans/<method>@<level>/`: each plan, so an interrupted sweep resumes where it stopped;
 - `evals/<method>@<level>.json`: each evaluation, keyed by the evaluation settings.
-`manifest.json` records what the plans depend on (model, calibration, options); a cache made
-with other settings is refused rather than silently mixed in.
+`manifest.json` records the data every plan depends on (model, calibration); a cache made with
+other data is refused rather than silently mixed in. Each SubFit plan also records the settings it
+was made with (compress defaults and options): after a change of SubFit's defaults only the SubFit
+rows are made again, and the baselines are reused.
 """
 from __future__ import annotations
 
@@ -83,18 +85,24 @@ class SweepConfig:
     progress: bool = False
 
     def plan_key(self, fingerprint: str) -> dict:
-        """Everything a plan depends on, compress()'s defaults included (a changed default makes
-        other SubFit plans): a cache made under another key is not reused."""
+        """The data every plan depends on: a cache made under another key is not reused."""
+        return {"fingerprint": fingerprint, "model": self.model, "calib": self.calib,
+                "calib_samples": self.calib_samples, "calib_len": self.calib_len, "seed": self.seed,
+                "ridge": self.ridge}
+
+    def subfit_settings(self, options: dict) -> dict:
+        """What a SubFit variant's plans depend on besides the data: compress_levels()'s defaults
+        with the variant's options and the sweep's `subfit` options on top (the calibration
+        arguments are the sweep's own, and the batch size changes no result)."""
         import inspect
 
         from subfit.compress import compress_levels
 
         defaults = {name: p.default for name, p in inspect.signature(compress_levels).parameters.items()
-                    if name not in ("progress", "device", "tokenizer", "calib", "model", "levels")
+                    if name not in ("progress", "device", "tokenizer", "calib", "model", "levels", "calib_samples",
+                                    "calib_len", "seed", "batch_size")
                     and isinstance(p.default, (int, float, str, bool))}
-        return {"fingerprint": fingerprint, "model": self.model, "calib": self.calib,
-                "calib_samples": self.calib_samples, "calib_len": self.calib_len, "seed": self.seed,
-                "subfit": self.subfit, "ridge": self.ridge, "compress_defaults": defaults}
+        return json.loads(json.dumps({**defaults, **options, **self.subfit}))
 
     def eval_key(self) -> dict:
         files = [self.ppl, *self.tasks]
@@ -163,7 +171,7 @@ def run_sweep(config: SweepConfig) -> dict:
     manifest = cache / MANIFEST
     if manifest.exists():
         cached_key = json.loads(manifest.read_text())
-        if cached_key != json.loads(json.dumps(key)):
+        if {k: cached_key.get(k) for k in key} != json.loads(json.dumps(key)):
             raise ValueError(f"The cache {cache} holds plans made with other settings ({cached_key}); "
                              "use another --cache folder, or delete this one to start afresh.")
     else:
@@ -184,9 +192,10 @@ def run_sweep(config: SweepConfig) -> dict:
     for name in config.methods:
         for level in config.levels:
             folder = cache / "plans" / f"{name}@{level_tag(level)}"
-            if (folder / "plan.json").exists():
-                plans[(name, level)] = Plan.load(folder)
-                compress_seconds[(name, level)] = plans[(name, level)].method.get("compress_seconds")
+            cached = Plan.load(folder) if (folder / "plan.json").exists() else None
+            if cached is not None and _current(cached, name, config):
+                plans[(name, level)] = cached
+                compress_seconds[(name, level)] = cached.method.get("compress_seconds")
             elif Path(f"{folder}.error").exists():  # not feasible: as deterministic as a plan
                 errors[(name, level)] = Path(f"{folder}.error").read_text()
             else:
@@ -225,6 +234,8 @@ def run_sweep(config: SweepConfig) -> dict:
     def finish(i: int, name: str, level: float, plan, seconds: float) -> None:
         plan.method["compress_seconds"] = seconds
         plan.method["variant"] = name
+        if VARIANTS[name][0] == "subfit":
+            plan.method["sweep_settings"] = config.subfit_settings(VARIANTS[name][1])
         plan.save(cache / "plans" / f"{name}@{level_tag(level)}")
         computed["plans"].append(f"{name}@{level_tag(level)}")
         plans[(name, level)] = plan
@@ -353,6 +364,15 @@ def run_sweep(config: SweepConfig) -> dict:
     }
     results["outputs"] = [str(p) for p in write_outputs(results, config.out, config.map_levels)]
     return results
+
+
+def _current(plan, name: str, config: SweepConfig) -> bool:
+    """A cached plan is reused unless it is SubFit's and was made with other settings."""
+    method, options = VARIANTS[name]
+    if method == "subfit" and plan.method.get("sweep_settings") != config.subfit_settings(options):
+        _log(f"{name}: cached plan made with other SubFit settings; making it again")
+        return False
+    return True
 
 
 class _OnDevice:

@@ -1,5 +1,6 @@
 """The sweep on stories260K, small: every output is written, the cache makes a second run
-recompute nothing, an interrupted sweep resumes, and a cache made with other settings is refused."""
+recompute nothing, an interrupted sweep resumes, other SubFit settings remake only the SubFit rows,
+and a cache made with other calibration settings is refused."""
 import json
 
 import pytest
@@ -99,6 +100,13 @@ def test_sweep_outputs_cache_and_resume(stories_dir, files, tmp_path):
     redone = {lost / "plan.json", lost / "bypass.safetensors", cache / "evals" / "replaceme@0.25.json",
               cache / "timings.json"}
     assert [p for p, t in stamps.items() if p not in redone and p.stat().st_mtime_ns != t] == []
+
+    # Other SubFit settings make the SubFit rows again and reuse every baseline.
+    changed = run_sweep(config(stories_dir, files, tmp_path, subfit={"step": 0.375, "score_samples": 8}))
+    assert changed["computed_this_run"]["walks"] == []
+    assert set(changed["computed_this_run"]["plans"]) == {
+        f"{m}@{lv:g}" for m in ("subfit", "subfit-delete") for lv in LEVELS} | {"subfit-layer@0.25"}
+    assert Plan.load(cache / "plans" / "subfit@0.25").method["sweep_settings"]["step"] == 0.375
 
     # Other calibration settings never mix with this cache.
     with pytest.raises(ValueError, match="other settings"):

@@ -51,7 +51,7 @@ def test_compress_smollm2_25(benchmark):
         "| step | value |",
         "|---|---|",
         f"| load model (GGUF dequantize) | {result['load_s']:.0f} s |",
-        f"| compress (calibration, scoring rounds, fitting) | {result['compress_s']:.0f} s |",
+        f"| compress (calibration, scoring walks, fitting) | {result['compress_s']:.0f} s |",
         f"| total | {result['total_s']:.0f} s ({result['total_s'] / 60:.1f} min; target < 10 min) |",
         f"| peak resident memory | {result['peak_rss_gb']:.2f} GB (target < 4 GB) |",
         f"| achieved sparsity | {result['sparsity']:.4f} |",
