@@ -36,16 +36,18 @@ def tokenize_stream(tokenizer, text: str) -> torch.Tensor:
     return torch.tensor(ids, dtype=torch.long)
 
 
-def sample_windows(stream: torch.Tensor, n: int, length: int, seed: int, what: str) -> torch.Tensor:
-    """N distinct, non-overlapping windows of `length` tokens, chosen at random (seeded)."""
+def sample_windows(stream: torch.Tensor, n: int, length: int, seed: int, what: str, skip: int = 0) -> torch.Tensor:
+    """N distinct, non-overlapping windows of `length` tokens, chosen at random (seeded). `skip`
+    passes over the first windows of the seeded order: `skip=N` gives windows disjoint from the N
+    that calibration drew (held-out text of the same source)."""
     available = stream.numel() // length
-    if available < n:
+    if available < skip + n:
         raise CalibrationError(
-            f"{what} holds {stream.numel():,} tokens = {available} sequences of {length} tokens, but {n} were "
-            f"asked for ({n * length:,} tokens). Give more text, or lower --calib-samples / --calib-len."
+            f"{what} holds {stream.numel():,} tokens = {available} sequences of {length} tokens, but {skip + n} were "
+            f"asked for ({(skip + n) * length:,} tokens). Give more text, or lower --calib-samples / --calib-len."
         )
     gen = torch.Generator().manual_seed(seed)
-    starts = torch.randperm(available, generator=gen)[:n].sort().values * length
+    starts = torch.randperm(available, generator=gen)[skip:skip + n].sort().values * length
     return torch.stack([stream[s:s + length] for s in starts.tolist()])
 
 

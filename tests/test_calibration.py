@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-from subfit.calibration import CalibrationError, from_model, from_text_file, load_calibration
+from subfit.calibration import CalibrationError, from_model, from_text_file, load_calibration, sample_windows
 
 
 def test_text_windows_are_seeded_and_distinct(stories, tinystories_file):
@@ -34,3 +34,15 @@ def test_self_generated_calibration_is_seeded(stories):
     a = from_model(model, tok, 3, 24, seed=1)
     assert a.shape == (3, 24) and a[:, 0].eq(tok.bos_token_id).all()
     assert torch.equal(a, from_model(model, tok, 3, 24, seed=1))
+
+
+def test_skipped_windows_are_disjoint_from_the_drawn_ones():
+    """skip=N continues the same seeded order: held-out windows never overlap calibration's N."""
+    stream = torch.arange(40 * 7)
+    drawn = sample_windows(stream, 10, 7, seed=3, what="stream")
+    held = sample_windows(stream, 5, 7, seed=3, what="stream", skip=10)
+    assert torch.equal(drawn, sample_windows(stream, 10, 7, seed=3, what="stream", skip=0))
+    assert not set(drawn[:, 0].tolist()) & set(held[:, 0].tolist())
+    assert held.shape == (5, 7) and bool((held[:, 1:] - held[:, :-1] == 1).all())
+    with pytest.raises(CalibrationError, match="but 45 were asked for"):
+        sample_windows(stream, 5, 7, seed=3, what="stream", skip=40)

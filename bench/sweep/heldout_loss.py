@@ -21,15 +21,11 @@ ROOT = Path(__file__).resolve().parents[2]
 
 
 def heldout_windows(tokenizer, path: str, calib_samples: int, length: int, seed: int, n: int) -> torch.Tensor:
-    """The next `n` windows of calibration.sample_windows' seeded order: disjoint from calibration."""
+    """The `n` windows after calibration's `calib_samples` in the same seeded order: disjoint from them."""
     from subfit import calibration
 
     stream = calibration.tokenize_stream(tokenizer, calibration.read_text(path))
-    order = torch.randperm(stream.numel() // length, generator=torch.Generator().manual_seed(seed))
-    starts = order[calib_samples:calib_samples + n].sort().values * length
-    if starts.numel() < n:
-        raise SystemExit(f"{path} has too few windows for {n} held-out sequences beyond the calibration ones.")
-    return torch.stack([stream[s:s + length] for s in starts.tolist()])
+    return calibration.sample_windows(stream, n, length, seed, f"Calibration file {path}", skip=calib_samples)
 
 
 @torch.no_grad()
