@@ -1,14 +1,17 @@
-"""Development diagnostic: is a plan's loss on WikiText-2 its selection or its fit data?
+"""Development diagnostic: is a plan's loss on WikiText-2 its selection, its fit form or its fit data?
 
 `python bench/sweep/refit_diagnostic.py subfit@0.25 subfit-contiguous@0.25` keeps the units of
 cached smollm2 sweep plans (plans/sweep_smollm2) and refits their bypasses exactly as `compress`
-does (a 32-sequence walk for the shared FeedForward basis, then the final fitting walk), but on
-128 x 512 tokens of WikiText-2 test text *after* the first 16,384 tokens that the sweep evaluates,
-then prints the WikiText-2 perplexity ratio (window 1024, first 16,384 tokens). Not a shipped
-method: it fits on the evaluation file's own distribution to tell selection from fit data apart.
+does (a 32-sequence walk for the shared FeedForward basis, then the final fitting walk) on 128 x 512
+tokens of `--fit-on` text, then prints the WikiText-2 perplexity ratio (window 1024, first 16,384
+tokens). `--fit-on wikitext` (default) fits on WikiText-2 test text *after* the evaluated tokens:
+not a shipped method, it tells selection from fit data apart. `--fit-on calib` refits on the
+sweep's own calibration (wiki_passages, same seeded windows), so `--attn-rank`, `--ffn-rank`,
+`--ridge`, `--weighting` and `--samples` show what other fit forms or more of the same text give.
 """
 from __future__ import annotations
 
+import argparse
 import os
 import sys
 import time
@@ -23,33 +26,51 @@ from subfit.fitting import reduced_rank_fit
 from subfit.models import Decoder
 from subfit.plan import Plan
 from subfit.reference import ReferenceModel
-from subfit.stats import walk
+from subfit.stats import WEIGHTINGS, walk
 
 ROOT = Path(__file__).resolve().parents[2]
-WIKITEXT = Path(os.environ.get("SUBFIT_ASSETS", ROOT.parent / "shared" / "assets")) / "data" / "wikitext-2-raw" / "wiki.test.raw"
-EVALUATED, RIDGE = 16384, 1e-3
+DATA = Path(os.environ.get("SUBFIT_ASSETS", ROOT.parent / "shared" / "assets")) / "data"
+WIKITEXT, CALIB = DATA / "wikitext-2-raw" / "wiki.test.raw", DATA / "calib" / "wiki_passages.txt"
+EVALUATED = 16384
 
 
-def main(names: list[str]) -> int:
+def main(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("plans", nargs="+", help="cached sweep plans, e.g. subfit@0.25")
+    parser.add_argument("--fit-on", choices=["wikitext", "calib"], default="wikitext")
+    parser.add_argument("--attn-rank", type=int, default=None)
+    parser.add_argument("--ffn-rank", type=int, default=None)
+    parser.add_argument("--weighting", choices=WEIGHTINGS, default="per_token")
+    parser.add_argument("--ridge", type=float, default=1e-3)
+    parser.add_argument("--samples", type=int, default=128, help="fitting sequences of 512 tokens (default 128)")
+    args = parser.parse_args(argv)
     torch.set_num_threads(1)
     model, tokenizer, _ = models.load(None)
     decoder = Decoder(model)
     ids = text_tokens(tokenizer, WIKITEXT, None)
     evaluated = ids[:EVALUATED]
-    calib = calibration.sample_windows(ids[EVALUATED:], 128, 512, 0, "WikiText-2 after the evaluated tokens")
+    if args.fit_on == "wikitext":
+        calib = calibration.sample_windows(ids[EVALUATED:], args.samples, 512, 0,
+                                           "WikiText-2 after the evaluated tokens")
+    else:
+        calib = calibration.load_calibration(str(CALIB), model, tokenizer, args.samples, 512, 0)
     attn_rank, ffn_rank = default_ranks(decoder.hidden_size)
-    ranks = {"attn": attn_rank, "ffn": ffn_rank}
+    ranks = {"attn": args.attn_rank or attn_rank, "ffn": args.ffn_rank or ffn_rank}
     dense = perplexity(ReferenceModel(model, None), evaluated, window=1024, progress=False)["ppl"]
-    for name in names:
+    for name in args.plans:
         plan = Plan.load(ROOT / "plans" / "sweep_smollm2" / "plans" / name)
         removed = [(kind, int(layer)) for kind, layer in (u.split(".") for u in plan.removed_units())]
         start = time.time()
         stats = walk(decoder, calib[:32], actions={u: "bypass" for u in removed}, progress=False,
-                     fit=lambda kind, layer, s: _as_bypass(reduced_rank_fit(s.moments(), ranks[kind], RIDGE)))
+                     weighting=args.weighting,
+                     fit=lambda kind, layer, s: _as_bypass(reduced_rank_fit(s.moments(), ranks[kind], args.ridge)))
         plan.tensors.clear()
-        _fit_bypasses(plan, decoder, calib, removed, stats, ranks, RIDGE, dict(weighting="per_token", progress=False))
+        _fit_bypasses(plan, decoder, calib, removed, stats, ranks, args.ridge,
+                      dict(weighting=args.weighting, progress=False))
         ratio = perplexity(ReferenceModel(model, plan), evaluated, window=1024, progress=False)["ppl"] / dense
-        print(f"{name} refit on WikiText-2 text: {ratio:.3f}x dense ({time.time() - start:.0f} s)", flush=True)
+        form = f"attn rank {ranks['attn']}, ffn rank {ranks['ffn']}, ridge {args.ridge:g}, {args.weighting}"
+        print(f"{name} refit on {args.fit_on} x {args.samples} ({form}): {ratio:.3f}x dense "
+              f"({time.time() - start:.0f} s)", flush=True)
     return 0
 
 

@@ -10,8 +10,7 @@ stories260k: calibrate on the first half of tinystories_validation_head.txt, per
 smollm2: the reference protocol: SmolLM2-135M-Instruct (embedded GGUF), calibration
     wiki_passages.txt 128 x 512, WikiText-2 test window 1024 on the first 16,384 tokens, first 300
     examples of each task (dense perplexity about 22.55). The committed results were run with
-    `--limit 100 --methods subfit subfit-contiguous subfit-delete shortgpt uidl replaceme llm-drop`
-    (later flags win) to fit CPU time: 100 examples per task, no whole-layer ablation.
+    `--limit 100` (later flags win) to fit CPU time: 100 examples per task, every method.
 """
 from __future__ import annotations
 
