@@ -24,26 +24,37 @@ from subfit.compress import _as_bypass, _fit_bypasses, default_ranks
 from subfit.evaluate import perplexity, text_tokens
 from subfit.fitting import reduced_rank_fit
 from subfit.models import Decoder
-from subfit.plan import Plan
+from subfit.plan import Plan, PlanError
 from subfit.reference import ReferenceModel
+from subfit.runtime.cli import number, positive_int
 from subfit.stats import WEIGHTINGS, walk
 
 ROOT = Path(__file__).resolve().parents[2]
 DATA = Path(os.environ.get("SUBFIT_ASSETS", ROOT.parent / "shared" / "assets")) / "data"
 WIKITEXT, CALIB = DATA / "wikitext-2-raw" / "wiki.test.raw", DATA / "calib" / "wiki_passages.txt"
+PLANS = ROOT / "plans" / "sweep_smollm2" / "plans"
 EVALUATED = 16384
+
+
+def load_plans(parser: argparse.ArgumentParser, names: list[str]) -> dict[str, Plan]:
+    """The cached sweep plans by name, before any model is loaded; a bad name is a usage error."""
+    try:
+        return {name: Plan.load(PLANS / name) for name in names}
+    except PlanError as error:
+        parser.error(f"{error} Run `python bench/sweep/run_sweep.py smollm2` first, or name a plan in {PLANS}.")
 
 
 def main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("plans", nargs="+", help="cached sweep plans, e.g. subfit@0.25")
     parser.add_argument("--fit-on", choices=["wikitext", "calib"], default="wikitext")
-    parser.add_argument("--attn-rank", type=int, default=None)
-    parser.add_argument("--ffn-rank", type=int, default=None)
+    parser.add_argument("--attn-rank", type=positive_int, default=None, help="default: compress's")
+    parser.add_argument("--ffn-rank", type=positive_int, default=None, help="default: compress's")
     parser.add_argument("--weighting", choices=WEIGHTINGS, default="per_token")
-    parser.add_argument("--ridge", type=float, default=1e-3)
-    parser.add_argument("--samples", type=int, default=128, help="fitting sequences of 512 tokens (default 128)")
+    parser.add_argument("--ridge", type=number(float, lambda v: v > 0, "a positive ridge, e.g. 1e-3"), default=1e-3)
+    parser.add_argument("--samples", type=positive_int, default=128, help="fitting sequences of 512 tokens (default 128)")
     args = parser.parse_args(argv)
+    plans = load_plans(parser, args.plans)
     torch.set_num_threads(1)
     model, tokenizer, _ = models.load(None)
     decoder = Decoder(model)
@@ -57,8 +68,7 @@ def main(argv: list[str]) -> int:
     attn_rank, ffn_rank = default_ranks(decoder.hidden_size)
     ranks = {"attn": args.attn_rank or attn_rank, "ffn": args.ffn_rank or ffn_rank}
     dense = perplexity(ReferenceModel(model, None), evaluated, window=1024, progress=False)["ppl"]
-    for name in args.plans:
-        plan = Plan.load(ROOT / "plans" / "sweep_smollm2" / "plans" / name)
+    for name, plan in plans.items():
         removed = [(kind, int(layer)) for kind, layer in (u.split(".") for u in plan.removed_units())]
         start = time.time()
         stats = walk(decoder, calib[:32], actions={u: "bypass" for u in removed}, progress=False,

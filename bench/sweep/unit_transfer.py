@@ -11,23 +11,24 @@ from __future__ import annotations
 
 import argparse
 import sys
-from pathlib import Path
 
 import torch
 
 from heldout_loss import heldout_windows
-from refit_diagnostic import CALIB, ROOT, WIKITEXT
+from refit_diagnostic import CALIB, WIKITEXT, load_plans
 from subfit import models
 from subfit.evaluate import perplexity, text_tokens
 from subfit.plan import Plan
 from subfit.reference import ReferenceModel
+from subfit.runtime.cli import positive_int
 
 
 def main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("plan", help="a cached sweep plan, e.g. subfit@0.25")
-    parser.add_argument("--tokens", type=int, default=8192, help="WikiText-2 tokens scored (default 8192)")
+    parser.add_argument("--tokens", type=positive_int, default=8192, help="WikiText-2 tokens scored (default 8192)")
     args = parser.parse_args(argv)
+    plan = load_plans(parser, [args.plan])[args.plan]
     torch.set_num_threads(1)
     model, tokenizer, _ = models.load(None)
     texts = {"WikiText-2": text_tokens(tokenizer, WIKITEXT, args.tokens),
@@ -38,7 +39,6 @@ def main(argv: list[str]) -> int:
         return {k: perplexity(ReferenceModel(model, plan), v, window=1024, progress=False)["ppl"] / dense[k]
                 for k, v in texts.items()}
 
-    plan = Plan.load(ROOT / "plans" / "sweep_smollm2" / "plans" / args.plan)
     full = ratios(plan)
     print(f"| {args.plan} | " + " | ".join(f"{v:.3f}x" for v in full.values()) + " | | |")
     print("| unit restored | " + " | ".join(texts) + " | gain on " + " | gain on ".join(texts) + " |")
