@@ -64,6 +64,9 @@ def add_compress(sub) -> None:
                    help="sparsity committed per greedy scoring walk (default 1/32: 8 walks for 0.25)")
     p.add_argument("--score-samples", type=positive_int, default=32,
                    help="calibration sequences used for scoring walks (default 32)")
+    p.add_argument("--probe", default="held-out", choices=["held-out", "in-sample"],
+                   help="sequences the output-kl score is measured on: held-out (default) calibration sequences "
+                        "the scoring walk did not fit on, or in-sample (biased towards overfitted bypasses)")
     p.add_argument("--device", default=None, help="device for the layer-by-layer walk, e.g. cuda (default cpu)")
     p.add_argument("--trust-remote-code", action="store_true", help="allow model code from the hub (off by default)")
     p.add_argument("--out", required=True, help="plan directory to write")
@@ -90,7 +93,7 @@ def run_compress(args) -> int:
         plan = compress(model, args.sparsity, args.calib, tokenizer=tokenizer, calib_samples=args.calib_samples,
                         calib_len=args.calib_len, seed=args.seed, attn_rank=args.attn_rank, ffn_rank=args.ffn_rank,
                         ridge=1e-3 if args.ridge is None else args.ridge, score=args.score,
-                        score_samples=args.score_samples, granularity=args.granularity,
+                        score_samples=args.score_samples, probe=args.probe, granularity=args.granularity,
                         contiguous=args.contiguous, bypass=not args.no_bypass, device=args.device,
                         **({"step": args.step} if args.step else {}))
     else:

@@ -5,7 +5,8 @@ import torch
 
 from subfit import models
 from subfit.calibration import CalibrationError
-from subfit.compress import compress, compress_levels
+from subfit import compress as compress_module
+from subfit.compress import compress, compress_levels, scoring_and_probe_ids
 from subfit.reference import ReferenceModel
 
 
@@ -89,6 +90,32 @@ def test_deletion_ablation_is_the_same_selection_without_bypasses(stories, calib
     assert set(deleted.attn + deleted.ffn) <= {"keep", "delete"} and deleted.method["bypass"] is False
     assert plan.tensors and "bypass" in plan.attn + plan.ffn  # the original is untouched
     assert deleted.accounting()["sparsity"] == plan.accounting()["sparsity"]
+
+
+@pytest.mark.parametrize("n, held_out_scoring", [(24, 8), (6, 4), (3, 1)])
+def test_probe_sequences_are_held_out_from_the_scoring_walk(n, held_out_scoring):
+    ids = torch.arange(n)[:, None].expand(n, 5)
+    scoring, probe = scoring_and_probe_ids(ids, score_samples=8, probe_samples=2)
+    assert scoring[:, 0].tolist() == list(range(held_out_scoring))
+    assert probe[:, 0].tolist() == list(range(held_out_scoring, min(n, held_out_scoring + 2)))
+    scoring, probe = scoring_and_probe_ids(ids, score_samples=8, probe_samples=2, probe="in-sample")
+    assert scoring.shape[0] == min(n, 8) and torch.equal(probe, ids[:2])
+
+
+def test_output_kl_is_probed_on_sequences_the_scoring_walk_did_not_fit(stories, calib_ids, monkeypatch):
+    probed = []
+
+    def recording(decoder, probe_ids, *args, **kwargs):
+        probed.append(probe_ids)
+        return real(decoder, probe_ids, *args, **kwargs)
+
+    real = compress_module.output_effects
+    monkeypatch.setattr(compress_module, "output_effects", recording)
+    plan = compress(stories[0], 0.25, calib_ids, step=0.25, score_samples=8, progress=False)
+    assert probed and all(torch.equal(ids, calib_ids[8:10]) for ids in probed)
+    assert plan.method["probe"] == "held-out" and plan.method["probe_samples"] == 2
+    with pytest.raises(ValueError, match="Unknown probe"):
+        compress(stories[0], 0.25, calib_ids, probe="training", progress=False)
 
 
 @pytest.mark.parametrize("sparsity", [-0.1, 0.9, float("nan"), 0.01])
