@@ -18,6 +18,7 @@ from subfit.plan import Bypass
 
 Unit = tuple[str, int]  # ("attn" | "ffn", layer)
 WEIGHTINGS = ("per_token", "uniform")
+TARGETS = ("unit", "dense")
 
 
 def token_weights(hidden: torch.Tensor, weighting: str) -> torch.Tensor:
@@ -94,6 +95,7 @@ def walk(
     hooks: Iterable[Hook] = (),
     progress: bool = True,
     desc: str = "layers",
+    target: str = "unit",
 ) -> dict[Unit, UnitStats]:
     """Push calibration tokens through the model layer by layer.
 
@@ -101,7 +103,14 @@ def walk(
     gathered first, then `fit(kind, layer, stats)` returns its bypass, which replaces the unit for
     the rest of the walk. Statistics are also returned for every unit in `collect`. `hooks` see
     the residual stream before and after each unit (baseline scores use them).
+
+    A bypassed unit's fit target is its own output on the compressed stream (`target="unit"`), or
+    with `target="dense"` the dense model's stream after the unit minus the compressed stream
+    before it, so that the bypass also undoes the drift of earlier removals (a development option:
+    it runs the dense model alongside).
     """
+    if target not in TARGETS:
+        raise ValueError(f"Unknown target {target!r}; choose one of {TARGETS}.")
     actions = actions or {}
     collect = set(collect)
     hooks = list(hooks)
@@ -114,6 +123,7 @@ def walk(
     hidden = [decoder.embed(b) for b in batches]
     positions = torch.arange(calib_ids.shape[1], device=device)[None]
     rotary = decoder.rotary(hidden[0], positions)
+    dense = [h.clone() for h in hidden] if target == "dense" else None
     stats: dict[Unit, UnitStats] = {}
     for layer in tqdm(range(decoder.num_layers), desc=desc, disable=not progress, leave=False):
         decoder.layers[layer].to(device)
@@ -131,6 +141,10 @@ def walk(
             for i, h in enumerate(hidden):
                 normed = norm(h)
                 y = decoder.run_unit(kind, layer, normed, rotary) if (action == "keep" or unit_stats) else None
+                if dense is not None:
+                    dense[i] = dense[i] + decoder.run_unit(kind, layer, norm(dense[i]), rotary)
+                    if action == "bypass":
+                        y = dense[i] - h
                 if unit_stats is not None:
                     unit_stats.add(normed, y, h, token_weights(h, weighting))
                 if action != "bypass":

@@ -7,7 +7,9 @@ tokens of `--fit-on` text, then prints the WikiText-2 perplexity ratio (window 1
 tokens). `--fit-on wikitext` (default) fits on WikiText-2 test text *after* the evaluated tokens:
 not a shipped method, it tells selection from fit data apart. `--fit-on calib` refits on the
 sweep's own calibration (wiki_passages, same seeded windows), so `--attn-rank`, `--ffn-rank`,
-`--ridge`, `--weighting` and `--samples` show what other fit forms or more of the same text give.
+`--ridge`, `--weighting` and `--samples` show what other fit forms or more of the same text give;
+`--target dense` fits each bypass to the dense model's stream after it (see `stats.walk`), so that
+it also undoes the drift of the removals before it.
 """
 from __future__ import annotations
 
@@ -27,7 +29,7 @@ from subfit.models import Decoder
 from subfit.plan import Plan, PlanError
 from subfit.reference import ReferenceModel
 from subfit.runtime.cli import number, positive_int
-from subfit.stats import WEIGHTINGS, walk
+from subfit.stats import TARGETS, WEIGHTINGS, walk
 
 ROOT = Path(__file__).resolve().parents[2]
 DATA = Path(os.environ.get("SUBFIT_ASSETS", ROOT.parent / "shared" / "assets")) / "data"
@@ -51,6 +53,7 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--attn-rank", type=positive_int, default=None, help="default: compress's")
     parser.add_argument("--ffn-rank", type=positive_int, default=None, help="default: compress's")
     parser.add_argument("--weighting", choices=WEIGHTINGS, default="per_token")
+    parser.add_argument("--target", choices=TARGETS, default="unit", help="bypass fit target of the final walk")
     parser.add_argument("--ridge", type=number(float, lambda v: v > 0, "a positive ridge, e.g. 1e-3"), default=1e-3)
     parser.add_argument("--samples", type=positive_int, default=128, help="fitting sequences of 512 tokens (default 128)")
     args = parser.parse_args(argv)
@@ -76,9 +79,10 @@ def main(argv: list[str]) -> int:
                      fit=lambda kind, layer, s: _as_bypass(reduced_rank_fit(s.moments(), ranks[kind], args.ridge)))
         plan.tensors.clear()
         _fit_bypasses(plan, decoder, calib, removed, stats, ranks, args.ridge,
-                      dict(weighting=args.weighting, progress=False))
+                      dict(weighting=args.weighting, target=args.target, progress=False))
         ratio = perplexity(ReferenceModel(model, plan), evaluated, window=1024, progress=False)["ppl"] / dense
-        form = f"attn rank {ranks['attn']}, ffn rank {ranks['ffn']}, ridge {args.ridge:g}, {args.weighting}"
+        form = (f"attn rank {ranks['attn']}, ffn rank {ranks['ffn']}, ridge {args.ridge:g}, {args.weighting}, "
+                f"{args.target} target")
         print(f"{name} refit on {args.fit_on} x {args.samples} ({form}): {ratio:.3f}x dense "
               f"({time.time() - start:.0f} s)", flush=True)
     return 0
