@@ -18,7 +18,7 @@ from subfit.plan import Bypass
 
 Unit = tuple[str, int]  # ("attn" | "ffn", layer)
 WEIGHTINGS = ("per_token", "uniform")
-TARGETS = ("unit", "dense")
+TARGETS = ("unit", "run", "dense")
 
 
 def token_weights(hidden: torch.Tensor, weighting: str) -> torch.Tensor:
@@ -104,10 +104,15 @@ def walk(
     the rest of the walk. Statistics are also returned for every unit in `collect`. `hooks` see
     the residual stream before and after each unit (baseline scores use them).
 
-    A bypassed unit's fit target is its own output on the compressed stream (`target="unit"`), or
-    with `target="dense"` the dense model's stream after the unit minus the compressed stream
-    before it, so that the bypass also undoes the drift of earlier removals (a development option:
-    it runs the dense model alongside).
+    A bypassed unit's fit target is the stream after it on a reference path, minus the compressed
+    stream before it. `target="unit"`: the reference is the compressed stream itself, so the target
+    is the unit's own output. `target="run"`: along a run of adjacent bypassed units the reference
+    runs the real units from the run's start, so each bypass also undoes the error of the bypasses
+    before it in the run, and the run as a whole fits the block it replaces (what one block map
+    fitted to the block's output does); a lone bypassed unit gets its own output, as with "unit".
+    `target="dense"`: the reference is the dense model, so each bypass chases the drift of every
+    earlier removal. "run" and "dense" are development options (`bench/sweep/refit_diagnostic.py
+    --target`, `bench/results/refit_125_smollm2.md`); compress fits to "unit".
     """
     if target not in TARGETS:
         raise ValueError(f"Unknown target {target!r}; choose one of {TARGETS}.")
@@ -123,7 +128,7 @@ def walk(
     hidden = [decoder.embed(b) for b in batches]
     positions = torch.arange(calib_ids.shape[1], device=device)[None]
     rotary = decoder.rotary(hidden[0], positions)
-    dense = [h.clone() for h in hidden] if target == "dense" else None
+    reference = list(hidden) if target != "unit" else None  # the stream a bypass's target follows
     stats: dict[Unit, UnitStats] = {}
     for layer in tqdm(range(decoder.num_layers), desc=desc, disable=not progress, leave=False):
         decoder.layers[layer].to(device)
@@ -138,17 +143,22 @@ def walk(
                 stats[unit] = unit_stats
             # A kept unit's output is added as soon as it is computed; a bypassed unit needs the
             # statistics of every batch before its fit exists, so it takes a second sweep.
+            follows_reference = reference is not None and (action == "bypass" or target == "dense")
             for i, h in enumerate(hidden):
                 normed = norm(h)
-                y = decoder.run_unit(kind, layer, normed, rotary) if (action == "keep" or unit_stats) else None
-                if dense is not None:
-                    dense[i] = dense[i] + decoder.run_unit(kind, layer, norm(dense[i]), rotary)
-                    if action == "bypass":
-                        y = dense[i] - h
+                y = None
+                if follows_reference:
+                    reference[i] = reference[i] + decoder.run_unit(kind, layer, norm(reference[i]), rotary)
+                if action == "bypass" and reference is not None:
+                    y = reference[i] - h
+                elif action == "keep" or unit_stats is not None:
+                    y = decoder.run_unit(kind, layer, normed, rotary)
                 if unit_stats is not None:
                     unit_stats.add(normed, y, h, token_weights(h, weighting))
                 if action != "bypass":
                     hidden[i] = h + y if action == "keep" else h
+                    if target == "run":
+                        reference[i] = hidden[i]  # a kept or deleted unit ends the run
                     for hook in hooks:
                         hook(kind, layer, h, hidden[i])
             if action == "bypass":

@@ -15,17 +15,21 @@ def calib_ids(stories, tinystories_file):
     return from_text_file(stories[1], tinystories_file, 8, 64, seed=0)
 
 
-def _walk_streams(decoder, calib_ids, removed, target):
-    """The residual stream after every unit (batches concatenated) and the bypassed units' stats."""
+def _walk_streams(decoder, calib_ids, removed, target, bypasses=None):
+    """The residual stream after every unit (batches concatenated) and the bypassed units' stats.
+    Bypasses are full-rank fits, or the given ones (so that two walks see the same streams)."""
     after: dict = {}
 
     def hook(kind, layer, h_before, h_after):
         after.setdefault((kind, layer), []).append(h_after)
 
-    full_rank = decoder.hidden_size
+    def fit(kind, layer, s):
+        if bypasses is not None:
+            return bypasses[(kind, layer)]
+        return _as_bypass(reduced_rank_fit(s.moments(), decoder.hidden_size, 1e-6))
+
     stats = walk(decoder, calib_ids, actions={u: "bypass" for u in removed}, hooks=[hook], target=target,
-                 fit=lambda kind, layer, s: _as_bypass(reduced_rank_fit(s.moments(), full_rank, 1e-6)),
-                 batch_size=4, progress=False)
+                 fit=fit, batch_size=4, progress=False)
     return {u: torch.cat(hs) for u, hs in after.items()}, stats
 
 
@@ -55,6 +59,38 @@ def test_dense_target_pulls_the_stream_back_to_the_dense_model(stories, calib_id
         weights = token_weights(streams[("attn", 2)], "per_token")  # the fit's: of the stream it adds to
         errors[target] = float((weights * (h - dense_h).double().pow(2).sum(-1)).sum())
     assert errors["dense"] < 0.99 * errors["unit"], errors
+
+
+def test_run_target_is_the_unit_target_for_a_lone_unit(stories, calib_ids):
+    """Only adjacent bypassed units form a run: a lone one after earlier removals (drift) is still
+    fitted to its own output, while the second unit of a run is not."""
+    decoder = Decoder(stories[0])
+    removed = [("attn", 1), ("ffn", 1), ("ffn", 3)]
+    _, unit = _walk_streams(decoder, calib_ids, removed, "unit")
+    fixed = {u: _as_bypass(reduced_rank_fit(unit[u].moments(), 16, 1e-3)) for u in removed}
+    _, unit = _walk_streams(decoder, calib_ids, removed, "unit", fixed)
+    _, run = _walk_streams(decoder, calib_ids, removed, "run", fixed)
+
+    def gap(unit_):
+        return float((run[unit_].xy - unit[unit_].xy).norm() / unit[unit_].xy.norm())
+
+    assert gap(("attn", 1)) < 1e-4 and gap(("ffn", 3)) < 1e-4
+    assert gap(("ffn", 1)) > 1e-2
+
+
+def test_run_target_fits_the_block_from_the_runs_start(stories, calib_ids):
+    """After a run of full-rank run-target bypasses the stream is closer to what the real units
+    would make from the run's start (earlier removals kept as they are) than with unit targets."""
+    decoder = Decoder(stories[0])
+    before, run = [("ffn", 0)], [("attn", 2), ("ffn", 2), ("attn", 3)]
+    reference, _ = _walk_streams(decoder, calib_ids, before, "unit")  # same ffn.0 bypass, real run
+    errors = {}
+    for target in ("unit", "run"):
+        streams, _ = _walk_streams(decoder, calib_ids, before + run, target)
+        h, real_h = streams[("attn", 3)], reference[("attn", 3)]
+        weights = token_weights(streams[("ffn", 2)], "per_token")  # the fit's: of the stream it adds to
+        errors[target] = float((weights * (h - real_h).double().pow(2).sum(-1)).sum())
+    assert errors["run"] < 0.99 * errors["unit"], errors
 
 
 def test_unknown_target_is_refused(stories, calib_ids):

@@ -9,7 +9,8 @@ not a shipped method, it tells selection from fit data apart. `--fit-on calib` r
 sweep's own calibration (wiki_passages, same seeded windows), so `--attn-rank`, `--ffn-rank`,
 `--ridge`, `--weighting` and `--samples` show what other fit forms or more of the same text give;
 `--target dense` fits each bypass to the dense model's stream after it (see `stats.walk`), so that
-it also undoes the drift of the removals before it.
+it also undoes the drift of the removals before it; `--target run` fits each run of adjacent
+bypasses to the block it replaces.
 """
 from __future__ import annotations
 
