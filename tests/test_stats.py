@@ -33,17 +33,20 @@ def _walk_streams(decoder, calib_ids, removed, target, bypasses=None):
     return {u: torch.cat(hs) for u, hs in after.items()}, stats
 
 
+def _target_gap(stats_a, stats_b, unit) -> float:
+    """Relative difference of two walks' X^T Y for `unit`: zero when both fitted the same target
+    on the same inputs ((h + y) - h differs from y by float32 rounding only)."""
+    return float((stats_a[unit].xy - stats_b[unit].xy).norm() / stats_b[unit].xy.norm())
+
+
 def test_dense_target_equals_unit_target_before_any_drift(stories, calib_ids):
     """The first bypassed unit sees the dense stream, so both targets are its own output."""
     decoder = Decoder(stories[0])
     removed = [("ffn", 1), ("attn", 3)]
     _, unit = _walk_streams(decoder, calib_ids, removed, "unit")
     _, dense = _walk_streams(decoder, calib_ids, removed, "dense")
-    def gap(unit_):  # relative; (h + y) - h differs from y by float32 rounding only
-        return float((dense[unit_].xy - unit[unit_].xy).norm() / unit[unit_].xy.norm())
-
-    assert gap(("ffn", 1)) < 1e-4
-    assert gap(("attn", 3)) > 1e-2
+    assert _target_gap(dense, unit, ("ffn", 1)) < 1e-4
+    assert _target_gap(dense, unit, ("attn", 3)) > 1e-2
 
 
 def test_dense_target_pulls_the_stream_back_to_the_dense_model(stories, calib_ids):
@@ -70,12 +73,8 @@ def test_run_target_is_the_unit_target_for_a_lone_unit(stories, calib_ids):
     fixed = {u: _as_bypass(reduced_rank_fit(unit[u].moments(), 16, 1e-3)) for u in removed}
     _, unit = _walk_streams(decoder, calib_ids, removed, "unit", fixed)
     _, run = _walk_streams(decoder, calib_ids, removed, "run", fixed)
-
-    def gap(unit_):
-        return float((run[unit_].xy - unit[unit_].xy).norm() / unit[unit_].xy.norm())
-
-    assert gap(("attn", 1)) < 1e-4 and gap(("ffn", 3)) < 1e-4
-    assert gap(("ffn", 1)) > 1e-2
+    assert _target_gap(run, unit, ("attn", 1)) < 1e-4 and _target_gap(run, unit, ("ffn", 3)) < 1e-4
+    assert _target_gap(run, unit, ("ffn", 1)) > 1e-2
 
 
 def test_run_target_fits_the_block_from_the_runs_start(stories, calib_ids):
