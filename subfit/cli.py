@@ -67,6 +67,9 @@ def add_compress(sub) -> None:
     p.add_argument("--probe", default="held-out", choices=["held-out", "in-sample"],
                    help="sequences the output-kl score is measured on: held-out (default) calibration sequences "
                         "the scoring walk did not fit on, or in-sample (biased towards overfitted bypasses)")
+    p.add_argument("--bypass-target", default=None, choices=["unit", "run", "dense"],
+                   help="what each bypass is fitted to: its unit's output (unit), or along a run of adjacent "
+                        "bypasses the output of the block the run replaces (run); see README")
     p.add_argument("--device", default=None, help="device for the layer-by-layer walk, e.g. cuda (default cpu)")
     p.add_argument("--trust-remote-code", action="store_true", help="allow model code from the hub (off by default)")
     p.add_argument("--out", required=True, help="plan directory to write")
@@ -95,7 +98,8 @@ def run_compress(args) -> int:
                         ridge=1e-3 if args.ridge is None else args.ridge, score=args.score,
                         score_samples=args.score_samples, probe=args.probe, granularity=args.granularity,
                         contiguous=args.contiguous, bypass=not args.no_bypass, device=args.device,
-                        **({"step": args.step} if args.step else {}))
+                        **({"step": args.step} if args.step else {}),
+                        **({"bypass_target": args.bypass_target} if args.bypass_target else {}))
     else:
         from subfit import calibration
         from subfit.baselines import compress_baseline

@@ -12,7 +12,7 @@ from subfit.fitting import LinearFit, fit_in_basis, reduced_rank_fit, shared_bas
 from subfit.models import UNIT_KINDS, Decoder
 from subfit.plan import FFN_BASIS, Bypass, Plan
 from subfit.selection import SCORES, Group, best_window, greedy_select, group_sizes
-from subfit.stats import Unit, output_effects, walk
+from subfit.stats import TARGETS, Unit, output_effects, walk
 
 MAX_SPARSITY = 0.75
 STEP = 1 / 32  # sparsity committed per scoring walk (4 walks at 12.5%, 8 at 25%, 12 at 37.5%)
@@ -28,7 +28,8 @@ GRANULARITIES = ("unit", "layer")
 PROBES = ("held-out", "in-sample")
 
 
-def _check_args(levels: Sequence[float], step: float, ridge: float, score: str, granularity: str, probe: str) -> None:
+def _check_args(levels: Sequence[float], step: float, ridge: float, score: str, granularity: str, probe: str,
+                bypass_target: str) -> None:
     if not levels:
         raise ValueError("Give at least one sparsity level.")
     for sparsity in levels:
@@ -45,6 +46,8 @@ def _check_args(levels: Sequence[float], step: float, ridge: float, score: str, 
         raise ValueError(f"Unknown granularity {granularity!r}; choose one of {GRANULARITIES}.")
     if probe not in PROBES:
         raise ValueError(f"Unknown probe {probe!r}; choose one of {PROBES}.")
+    if bypass_target not in TARGETS:
+        raise ValueError(f"Unknown bypass_target {bypass_target!r}; choose one of {TARGETS}.")
 
 
 def scoring_and_probe_ids(calib_ids: torch.Tensor, score_samples: int, probe_samples: int,
@@ -100,6 +103,7 @@ def compress_levels(
     probe_samples: int = 2,
     probe: str = "held-out",
     shortlist: int = 24,
+    bypass_target: str = "unit",
     granularity: str = "unit",
     contiguous: bool = False,
     bypass: bool = True,
@@ -115,11 +119,13 @@ def compress_levels(
     sequences re-scores every kept unit with the removals so far in place and commits about `step`
     more sparsity, the safest part of its plan for the level (with the `output-kl` score, the
     `shortlist` best units by local score are re-ranked by their effect on the output of
-    `probe_samples` sequences, by default held out from the scoring walk: see `scoring_and_probe_ids`); a final walk over all sequences fits the bypasses sequentially. Ablations: `granularity="layer"` removes whole
+    `probe_samples` sequences, by default held out from the scoring walk: see `scoring_and_probe_ids`); a final walk over all sequences fits the bypasses sequentially, each to its own unit's output
+    or, with `bypass_target="run"`, each run of adjacent bypasses to the block it replaces (see
+    `stats.walk`; the selection is the same either way). Ablations: `granularity="layer"` removes whole
     layers, `contiguous=True` one contiguous run of units, `bypass=False` deletes the chosen units.
     """
     levels = list(levels)
-    _check_args(levels, step, ridge, score, granularity, probe)
+    _check_args(levels, step, ridge, score, granularity, probe, bypass_target)
     if model is None or isinstance(model, (str, os.PathLike)):
         model, tokenizer, _ = models.load(model)
     decoder = Decoder(model)
@@ -166,9 +172,10 @@ def compress_levels(
                 plan.actions(kind)[layer] = "delete"
         elif removed:
             errors = _fit_bypasses(plan, decoder, calib_ids, removed, basis_stats, ranks, ridge,
-                                   dict(weighting=SCORES[score].weighting, batch_size=batch_size, device=device,
-                                        progress=progress))
-            options.update(attn_rank=ranks["attn"], ffn_rank=ranks["ffn"], ridge=ridge, bypass_errors=errors)
+                                   dict(weighting=SCORES[score].weighting, target=bypass_target,
+                                        batch_size=batch_size, device=device, progress=progress))
+            options.update(attn_rank=ranks["attn"], ffn_rank=ranks["ffn"], ridge=ridge, bypass_target=bypass_target,
+                           bypass_errors=errors)
         plan.method = options
         plan.validate()
         plans.append(plan)

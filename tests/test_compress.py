@@ -118,6 +118,30 @@ def test_output_kl_is_probed_on_sequences_the_scoring_walk_did_not_fit(stories, 
         compress(stories[0], 0.25, calib_ids, probe="training", progress=False)
 
 
+def test_run_target_refits_the_same_selection(stories, calib_ids):
+    """`bypass_target` changes the final fit only: the same units go, the first bypass (nothing
+    before it to correct) is the same map, and the second of two adjacent bypasses is not."""
+    options = dict(step=0.25, score_samples=8, progress=False)
+    unit = compress(stories[0], 0.5, calib_ids, **options)
+    run = compress(stories[0], 0.5, calib_ids, bypass_target="run", **options)
+    assert run.removed_units() == unit.removed_units() and run.method["bypass_target"] == "run"
+    removed = unit.removed_units()
+    pairs = [(a, b) for a, b in zip(removed, removed[1:]) if _adjacent(a, b)]
+    assert pairs, f"no two adjacent bypasses to compare in {removed}"
+    first, second = f"{removed[0]}.up", f"{pairs[0][1]}.up"
+    assert torch.allclose(run.tensors[first], unit.tensors[first], rtol=1e-3, atol=1e-5)
+    gap = (run.tensors[second] - unit.tensors[second]).norm() / unit.tensors[second].norm()
+    assert gap > 1e-2
+    with pytest.raises(ValueError, match="Unknown bypass_target"):
+        compress(stories[0], 0.25, calib_ids, bypass_target="block", progress=False)
+
+
+def _adjacent(a: str, b: str) -> bool:
+    """attn.i -> ffn.i, or ffn.i -> attn.(i+1): consecutive units in depth order."""
+    (ka, ia), (kb, ib) = a.split("."), b.split(".")
+    return (ka, kb, int(ib) - int(ia)) in (("attn", "ffn", 0), ("ffn", "attn", 1))
+
+
 @pytest.mark.parametrize("sparsity", [-0.1, 0.9, float("nan"), 0.01])
 def test_sparsity_out_of_range_is_refused(stories, calib_ids, sparsity):
     with pytest.raises(ValueError, match="sparsity"):
