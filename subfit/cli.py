@@ -68,9 +68,9 @@ def add_compress(sub) -> None:
                    help="sequences the output-kl score is measured on: held-out (default) calibration sequences "
                         "the scoring walk did not fit on, or in-sample (biased towards overfitted bypasses)")
     p.add_argument("--bypass-target", default=None, choices=["unit", "run", "dense"],
-                   help="what each bypass is fitted to: its unit's output (unit), or along a run of adjacent "
-                        "bypasses the output of the block the run replaces (run), or the dense model's stream "
-                        "(dense, a development option); see README")
+                   help="what each bypass is fitted to: along a run of adjacent bypasses the output of the "
+                        "block the run replaces (run, the default), its unit's output (unit), or the dense "
+                        "model's stream (dense, a development option); see README")
     p.add_argument("--device", default=None, help="device for the layer-by-layer walk, e.g. cuda (default cpu)")
     p.add_argument("--trust-remote-code", action="store_true", help="allow model code from the hub (off by default)")
     p.add_argument("--out", required=True, help="plan directory to write")

@@ -103,7 +103,7 @@ def compress_levels(
     probe_samples: int = 2,
     probe: str = "held-out",
     shortlist: int = 24,
-    bypass_target: str = "unit",
+    bypass_target: str = "run",
     granularity: str = "unit",
     contiguous: bool = False,
     bypass: bool = True,
@@ -119,9 +119,11 @@ def compress_levels(
     sequences re-scores every kept unit with the removals so far in place and commits about `step`
     more sparsity, the safest part of its plan for the level (with the `output-kl` score, the
     `shortlist` best units by local score are re-ranked by their effect on the output of
-    `probe_samples` sequences, by default held out from the scoring walk: see `scoring_and_probe_ids`); a final walk over all sequences fits the bypasses sequentially, each to its own unit's output
-    or, with `bypass_target="run"`, each run of adjacent bypasses to the block it replaces (see
-    `stats.walk`; the selection is the same either way). Ablations: `granularity="layer"` removes whole
+    `probe_samples` sequences, by default held out from the scoring walk: see
+    `scoring_and_probe_ids`); a final walk over all sequences fits the bypasses sequentially, by
+    default (`bypass_target="run"`) each run of adjacent bypasses to the block it replaces, or with
+    `bypass_target="unit"` each bypass to its own unit's output (see `stats.walk`; the selection is
+    the same either way). Ablations: `granularity="layer"` removes whole
     layers, `contiguous=True` one contiguous run of units, `bypass=False` deletes the chosen units.
     """
     levels = list(levels)

@@ -111,8 +111,8 @@ def walk(
     before it in the run, and the run as a whole fits the block it replaces (what one block map
     fitted to the block's output does); a lone bypassed unit gets its own output, as with "unit".
     `target="dense"`: the reference is the dense model, so each bypass chases the drift of every
-    earlier removal. compress fits to "unit" unless given `bypass_target` ("run" measured better in
-    every refit, `bench/results/refit_125_smollm2.md`, but the sweep has not been re-run with it).
+    earlier removal. Scoring walks fit candidates to "unit"; compress's final fit defaults to "run"
+    (better in every refit, `bench/results/refit_125_smollm2.md`, and in the sweep).
     """
     if target not in TARGETS:
         raise ValueError(f"Unknown target {target!r}; choose one of {TARGETS}.")

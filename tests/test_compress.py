@@ -120,10 +120,11 @@ def test_output_kl_is_probed_on_sequences_the_scoring_walk_did_not_fit(stories, 
 
 def test_run_target_refits_the_same_selection(stories, calib_ids):
     """`bypass_target` changes the final fit only: the same units go, the first bypass (nothing
-    before it to correct) is the same map, and the second of two adjacent bypasses is not."""
+    before it to correct) is the same map, and the second of two adjacent bypasses is not. The run
+    target is the default."""
     options = dict(step=0.25, score_samples=8, progress=False)
-    unit = compress(stories[0], 0.5, calib_ids, **options)
-    run = compress(stories[0], 0.5, calib_ids, bypass_target="run", **options)
+    run = compress(stories[0], 0.5, calib_ids, **options)
+    unit = compress(stories[0], 0.5, calib_ids, bypass_target="unit", **options)
     assert run.removed_units() == unit.removed_units() and run.method["bypass_target"] == "run"
     removed = unit.removed_units()
     pairs = [(a, b) for a, b in zip(removed, removed[1:]) if _adjacent(a, b)]
