@@ -6,11 +6,15 @@ from subfit.plan import Plan, PlanError
 
 __all__ = ["compress", "compress_levels", "evaluate", "Plan", "PlanError"]
 
+_LAZY = {"compress": "compression", "compress_levels": "compression", "evaluate": "evaluation"}
+
 
 def __getattr__(name: str):
     """`subfit.compress` / `subfit.evaluate` load on first use, so `import subfit.runtime` never
-    pulls in the compression machinery (data flows one way)."""
-    if name in ("compress", "compress_levels", "evaluate"):
-        module = "compress" if name == "compress_levels" else name
-        return getattr(importlib.import_module(f"subfit.{module}"), name)
+    pulls in the compression machinery (data flows one way). Their modules are named apart
+    (`subfit.compression`, `subfit.evaluation`), so importing one never shadows the function."""
+    if name in _LAZY:
+        function = getattr(importlib.import_module(f"subfit.{_LAZY[name]}"), name)
+        globals()[name] = function
+        return function
     raise AttributeError(f"module 'subfit' has no attribute {name!r}")

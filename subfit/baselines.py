@@ -335,7 +335,7 @@ class Method:
     contiguous: bool
     fitted: bool
     description: str
-    build: Callable | None  # None: SubFit itself (subfit.compress.compress)
+    build: Callable | None  # None: SubFit itself (subfit.compression.compress)
 
 
 METHODS: dict[str, Method] = {
@@ -375,7 +375,7 @@ def compress_baseline(
     `scores` (from `dense_scores` on the same model and tokens) skips the scoring walk; `fit`
     (ReplaceMe only) skips the fitting walk for the block it was fitted on. `ridge` is ReplaceMe's
     (default REPLACEME_RIDGE) or SubFit's. For "subfit", `subfit_options` go to
-    `subfit.compress.compress` (granularity=, contiguous=, bypass=, step=, ...).
+    `subfit.compression.compress` (granularity=, contiguous=, bypass=, step=, ...).
     """
     if method not in METHODS:
         raise ValueError(f"Unknown method {method!r}; choose one of {', '.join(METHODS)}.")
@@ -384,7 +384,7 @@ def compress_baseline(
     if isinstance(model, (str, os.PathLike)) or model is None:
         model, _, source = models.load(model)
     if method == "subfit":
-        from subfit.compress import compress
+        from subfit.compression import compress
 
         if ridge is not None:
             subfit_options["ridge"] = ridge

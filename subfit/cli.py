@@ -29,7 +29,7 @@ EVAL_EXAMPLES = """examples:
 
 
 def _sparsity(text: str) -> float:
-    from subfit.compress import MAX_SPARSITY
+    from subfit.compression import MAX_SPARSITY
 
     return number(float, lambda v: 0.0 <= v <= MAX_SPARSITY,
                   f"a sparsity (fraction of transformer-block parameters) between 0 and {MAX_SPARSITY}, e.g. 0.25")(text)
@@ -80,7 +80,7 @@ def add_compress(sub) -> None:
 
 def run_compress(args) -> int:
     from subfit import models
-    from subfit.compress import compress
+    from subfit.compression import compress
 
     out = Path(args.out)
     if (out / "plan.json").exists() and not args.overwrite:
@@ -157,7 +157,7 @@ def add_eval(sub) -> None:
 
 def run_eval(args) -> int:
     from subfit import models
-    from subfit.evaluate import evaluate
+    from subfit.evaluation import evaluate
     from subfit.plan import Plan
     from subfit.reference import ReferenceModel
 

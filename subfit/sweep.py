@@ -96,7 +96,7 @@ class SweepConfig:
         arguments are the sweep's own, and the batch size changes no result)."""
         import inspect
 
-        from subfit.compress import compress_levels
+        from subfit.compression import compress_levels
 
         defaults = {name: p.default for name, p in inspect.signature(compress_levels).parameters.items()
                     if name not in ("progress", "device", "tokenizer", "calib", "model", "levels", "calib_samples",
@@ -252,7 +252,7 @@ def run_sweep(config: SweepConfig) -> dict:
             if name == DELETION_OF_SUBFIT and ("subfit", level) in plans:
                 finish(i, name, level, plans[("subfit", level)].without_bypasses(), 0.0)
                 continue
-            from subfit.compress import compress_levels, infeasible
+            from subfit.compression import compress_levels, infeasible
 
             levels = []
             for n, lv in todo:
@@ -296,7 +296,7 @@ def run_sweep(config: SweepConfig) -> dict:
         finish(i, name, level, plan, round(time.perf_counter() - t, 3))
 
     # 2. evaluations ---------------------------------------------------------------------------
-    from subfit.evaluate import evaluate
+    from subfit.evaluation import evaluate
     from subfit.reference import ReferenceModel
 
     eval_key = json.loads(json.dumps(config.eval_key()))

@@ -1,13 +1,33 @@
 """compress(): the budget holds, the same seed gives the same plan, a planted linear unit is
 found and fitted exactly, and bad requests are refused with a clear message."""
+import subprocess
+import sys
+
 import pytest
 import torch
 
 from subfit import models
 from subfit.calibration import CalibrationError
-from subfit import compress as compress_module
-from subfit.compress import compress, compress_levels, scoring_and_probe_ids
+from subfit import compression as compress_module
+from subfit.compression import compress, compress_levels, scoring_and_probe_ids
 from subfit.reference import ReferenceModel
+
+
+def test_package_names_the_functions_however_often_and_in_whatever_order_they_are_imported():
+    """`subfit.compress` is the function on every access, also after its module was imported
+    directly (a submodule of the same name would have replaced it on the package)."""
+    code = (
+        "import subfit, types\n"
+        "first = subfit.compress_levels\n"
+        "from subfit.compression import compress, compress_levels\n"
+        "from subfit.evaluation import evaluate\n"
+        "from subfit import compress as again\n"
+        "assert subfit.compress is compress is again and subfit.compress_levels is compress_levels is first\n"
+        "assert subfit.evaluate is evaluate and subfit.evaluate is subfit.evaluate\n"
+        "assert not isinstance(subfit.compress, types.ModuleType)\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-2000:]
 
 
 @pytest.fixture(scope="module")

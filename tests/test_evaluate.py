@@ -6,7 +6,7 @@ import math
 import pytest
 import torch
 
-from subfit.evaluate import _windows, multiple_choice, perplexity, requests_for
+from subfit.evaluation import _windows, multiple_choice, perplexity, requests_for
 from subfit.reference import ReferenceModel
 
 

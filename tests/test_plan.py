@@ -7,7 +7,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from subfit import models
-from subfit.compress import compress
+from subfit.compression import compress
 from subfit.plan import Plan, PlanError
 
 

@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-from subfit.compress import _as_bypass
+from subfit.compression import _as_bypass
 from subfit.fitting import reduced_rank_fit
 from subfit.models import Decoder
 from subfit.stats import token_weights, walk

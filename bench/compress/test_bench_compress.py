@@ -21,7 +21,7 @@ CALIB = ASSETS / "data" / "calib" / "wiki_passages.txt"
 JOB = """
 import json, resource, sys, time, torch
 from subfit import models
-from subfit.compress import compress
+from subfit.compression import compress
 start = time.perf_counter()
 model, tokenizer, _ = models.load(None)
 loaded = time.perf_counter()

@@ -56,7 +56,7 @@ def detokenize(text: str) -> str:
 
 def detok_windows(tokenizer, path: str, cache: Path, window: int, n: int) -> torch.Tensor:
     """The first `n` windows of `window` tokens of `path` detokenized (the copy is kept in `cache`)."""
-    from subfit.evaluate import text_tokens
+    from subfit.evaluation import text_tokens
 
     copy = cache / f"{Path(path).stem}.detok.txt"
     if not copy.exists():

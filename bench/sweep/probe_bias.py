@@ -17,7 +17,7 @@ import torch
 
 from refit_diagnostic import CALIB
 from subfit import calibration, models
-from subfit.compress import _as_bypass, default_ranks
+from subfit.compression import _as_bypass, default_ranks
 from subfit.fitting import reduced_rank_fit
 from subfit.models import UNIT_KINDS, Decoder
 from subfit.stats import output_effects, walk

@@ -26,8 +26,8 @@ from pathlib import Path
 import torch
 
 from subfit import calibration, models
-from subfit.compress import _as_bypass, _fit_bypasses, default_ranks
-from subfit.evaluate import perplexity, text_tokens
+from subfit.compression import _as_bypass, _fit_bypasses, default_ranks
+from subfit.evaluation import perplexity, text_tokens
 from subfit.fitting import reduced_rank_fit
 from subfit.models import Decoder
 from subfit.plan import Plan, PlanError

@@ -17,7 +17,7 @@ import torch
 from heldout_loss import heldout_windows
 from refit_diagnostic import CALIB, WIKITEXT, load_plans
 from subfit import models
-from subfit.evaluate import perplexity, text_tokens
+from subfit.evaluation import perplexity, text_tokens
 from subfit.plan import Plan
 from subfit.reference import ReferenceModel
 from subfit.runtime.cli import positive_int

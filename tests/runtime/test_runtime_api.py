@@ -114,7 +114,7 @@ def test_runtime_never_imports_compression():
         import subfit.runtime
         from subfit.runtime import cli
         from subfit.runtime.bench import synthetic_plan
-        banned = [m for m in ("calibration", "stats", "fitting", "selection", "compress", "evaluate")
+        banned = [m for m in ("calibration", "stats", "fitting", "selection", "compression", "evaluation")
                   if "subfit." + m in sys.modules]
         assert not banned, f"importing the runtime pulled in subfit.{banned}: see subfit/__init__.py"
     """)
@@ -129,7 +129,7 @@ def test_runtime_never_imports_compression_while_loading(stories_dir, tmp_path, 
         import sys
         from subfit.runtime import load
         load({str(tmp_path / 'plan')!r}).generate([1], 3)
-        banned = [m for m in ("calibration", "stats", "fitting", "selection", "compress", "evaluate")
+        banned = [m for m in ("calibration", "stats", "fitting", "selection", "compression", "evaluation")
                   if "subfit." + m in sys.modules]
         assert not banned, f"loading a plan pulled in subfit.{{banned}}"
     """)

@@ -121,7 +121,7 @@ def test_prefill_and_decode_step_by_hand(stories, plan_of):
 
 def test_real_compressed_plan(stories, stories_dir, tmp_path):
     """A plan from `subfit.compress` (not hand-built), saved and loaded back, runs like the reference."""
-    compress = pytest.importorskip("subfit.compress").compress
+    compress = pytest.importorskip("subfit.compression").compress
     text = stories_dir.parent.parent / "data" / "tinystories" / "tinystories_validation_head.txt"
     if not text.exists():
         pytest.skip(f"asset {text} not found: set SUBFIT_ASSETS to the shared assets folder")
