@@ -35,9 +35,6 @@ def _sparsity(text: str) -> float:
                   f"a sparsity (fraction of transformer-block parameters) between 0 and {MAX_SPARSITY}, e.g. 0.25")(text)
 
 
-_whole = number(int, lambda v: v >= 0, "a whole number >= 0, e.g. 2")
-
-
 def add_compress(sub) -> None:
     p = sub.add_parser("compress", help="compress a model into a SubFit plan", epilog=COMPRESS_EXAMPLES,
                        formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -70,9 +67,6 @@ def add_compress(sub) -> None:
     p.add_argument("--probe", default="held-out", choices=["held-out", "in-sample"],
                    help="sequences the output-kl score is measured on: held-out (default) calibration sequences "
                         "the scoring walk did not fit on, or in-sample (biased towards overfitted bypasses)")
-    p.add_argument("--probe-self", type=_whole, default=None,
-                   help="output-kl probe sequences sampled from the model itself, besides the calibration probe "
-                        "(text in the model's own formats; 0 = none); see README")
     p.add_argument("--bypass-target", default=None, choices=["unit", "run", "dense"],
                    help="what each bypass is fitted to: along a run of adjacent bypasses the output of the "
                         "block the run replaces (run, the default), its unit's output (unit), or the dense "
@@ -106,8 +100,7 @@ def run_compress(args) -> int:
                         score_samples=args.score_samples, probe=args.probe, granularity=args.granularity,
                         contiguous=args.contiguous, bypass=not args.no_bypass, device=args.device,
                         **({"step": args.step} if args.step else {}),
-                        **({"bypass_target": args.bypass_target} if args.bypass_target else {}),
-                        **({"probe_self": args.probe_self} if args.probe_self is not None else {}))
+                        **({"bypass_target": args.bypass_target} if args.bypass_target else {}))
     else:
         from subfit import calibration
         from subfit.baselines import compress_baseline

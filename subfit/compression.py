@@ -29,7 +29,7 @@ PROBES = ("held-out", "in-sample")
 
 
 def _check_args(levels: Sequence[float], step: float, ridge: float, score: str, granularity: str, probe: str,
-                probe_self: int, bypass_target: str) -> None:
+                bypass_target: str) -> None:
     if not levels:
         raise ValueError("Give at least one sparsity level.")
     for sparsity in levels:
@@ -46,9 +46,6 @@ def _check_args(levels: Sequence[float], step: float, ridge: float, score: str, 
         raise ValueError(f"Unknown granularity {granularity!r}; choose one of {GRANULARITIES}.")
     if probe not in PROBES:
         raise ValueError(f"Unknown probe {probe!r}; choose one of {PROBES}.")
-    if not isinstance(probe_self, int) or isinstance(probe_self, bool) or probe_self < 0:
-        raise ValueError(f"probe_self={probe_self!r} must be a whole number >= 0: the probe sequences sampled "
-                         "from the model itself (0 = none).")
     if bypass_target not in TARGETS:
         raise ValueError(f"Unknown bypass_target {bypass_target!r}; choose one of {TARGETS}.")
 
@@ -105,7 +102,6 @@ def compress_levels(
     score_samples: int = 32,
     probe_samples: int = 2,
     probe: str = "held-out",
-    probe_self: int = 0,
     shortlist: int = 24,
     bypass_target: str = "run",
     granularity: str = "unit",
@@ -124,17 +120,14 @@ def compress_levels(
     more sparsity, the safest part of its plan for the level (with the `output-kl` score, the
     `shortlist` best units by local score are re-ranked by their effect on the output of
     `probe_samples` sequences, by default held out from the scoring walk: see
-    `scoring_and_probe_ids`, and of `probe_self` sequences the model samples itself, seeded with
-    `seed + 1`: text of the model's own distribution, in formats the calibration text may lack, so
-    that units whose bypasses hold only on the calibration text's style look as harmful as they
-    are); a final walk over all sequences fits the bypasses sequentially, by
+    `scoring_and_probe_ids`); a final walk over all sequences fits the bypasses sequentially, by
     default (`bypass_target="run"`) each run of adjacent bypasses to the block it replaces, or with
     `bypass_target="unit"` each bypass to its own unit's output (see `stats.walk`; the selection is
     the same either way). Ablations: `granularity="layer"` removes whole
     layers, `contiguous=True` one contiguous run of units, `bypass=False` deletes the chosen units.
     """
     levels = list(levels)
-    _check_args(levels, step, ridge, score, granularity, probe, probe_self, bypass_target)
+    _check_args(levels, step, ridge, score, granularity, probe, bypass_target)
     if model is None or isinstance(model, (str, os.PathLike)):
         model, tokenizer, _ = models.load(model)
     decoder = Decoder(model)
@@ -163,10 +156,6 @@ def compress_levels(
         if problem:
             raise ValueError(problem)
     scoring_ids, probe_ids = scoring_and_probe_ids(calib_ids, score_samples, probe_samples, probe)
-    calib_probes = probe_ids.shape[0]
-    if probe_self and SCORES[score].output_effect:
-        sampled = calibration.from_model(model, tokenizer, probe_self, calib_ids.shape[1], seed + 1)
-        probe_ids = torch.cat([probe_ids, sampled.to(probe_ids.device)])
     selector = _Selector(decoder, groups, sizes, ranks, ridge, SCORES[score], scoring_ids, probe_ids, shortlist,
                          dict(batch_size=batch_size, device=device, progress=progress))
     plans = []
@@ -177,8 +166,7 @@ def compress_levels(
             removed, basis_stats = selector.trajectory(quota, int(step * empty.block_params))
         options = {"name": "subfit", "sparsity": sparsity, "score": score, "granularity": granularity,
                    "contiguous": contiguous, "bypass": bypass, "step": step,
-                   "score_samples": scoring_ids.shape[0], "probe": probe, "probe_samples": calib_probes,
-                   "probe_self": probe_ids.shape[0] - calib_probes,
+                   "score_samples": scoring_ids.shape[0], "probe": probe, "probe_samples": probe_ids.shape[0],
                    "calibration": calib_info}
         plan = Plan.empty(decoder, source)
         if not bypass:

@@ -712,8 +712,6 @@ def add_commands(sub) -> None:
     p.add_argument("--step", type=float, default=None, help="SubFit sparsity per scoring walk (compress default)")
     p.add_argument("--score-samples", type=int, default=None, help="SubFit scoring sequences (compress default)")
     p.add_argument("--score", default=None, help="SubFit score (compress default)")
-    p.add_argument("--probe-self", type=int, default=None,
-                   help="SubFit probe sequences sampled from the model itself (compress default)")
     p.add_argument("--ridge", type=float, default=None, help="ReplaceMe ridge (default 1e-4, relative)")
     p.add_argument("--map-levels", type=float, nargs="+", default=[0.25],
                    help="levels of the per-layer map plots (default 0.25): PREFIX_layers.png, PREFIX_layers_<level>.png")
@@ -728,7 +726,7 @@ def add_commands(sub) -> None:
 
 def config_from_args(args) -> SweepConfig:
     subfit = {k: v for k, v in (("step", args.step), ("score_samples", args.score_samples),
-                                ("score", args.score), ("probe_self", args.probe_self)) if v is not None}
+                                ("score", args.score)) if v is not None}
     return SweepConfig(
         model=args.model, calib=args.calib, out=args.out, cache=args.cache, ppl=args.ppl, tasks=list(args.tasks),
         calib_samples=args.calib_samples, calib_len=args.calib_len, seed=args.seed, levels=list(args.levels),

@@ -16,11 +16,9 @@ def small_text(tinystories_file, tmp_path):
 def test_compress_then_eval(stories_dir, small_text, tmp_path, capsys):
     out = tmp_path / "plan"
     assert main(["compress", str(stories_dir), "--sparsity", "0.25", "--calib", str(small_text),
-                 "--calib-samples", "8", "--calib-len", "64", "--bypass-target", "run", "--probe-self", "1",
-                 "--out", str(out)]) == 0
+                 "--calib-samples", "8", "--calib-len", "64", "--bypass-target", "run", "--out", str(out)]) == 0
     assert (out / "plan.json").exists() and (out / "bypass.safetensors").exists()
-    method = json.loads((out / "plan.json").read_text())["method"]
-    assert method["bypass_target"] == "run" and method["probe_self"] == 1
+    assert json.loads((out / "plan.json").read_text())["method"]["bypass_target"] == "run"
     assert "sparsity" in capsys.readouterr().err
     task = tmp_path / "task.jsonl"
     task.write_text("\n".join(json.dumps({"query": "Lily liked", "choices": ["cats", "dogs"], "gold": i % 2})
@@ -43,7 +41,6 @@ def test_compress_then_eval(stories_dir, small_text, tmp_path, capsys):
     (["compress", "--sparsity", "0.9", "--out", "p"], "between 0 and 0.75, e.g. 0.25, got 0.9"),
     (["compress", "--sparsity", "0.25", "--calib", "x.txt", "--out", "p"], "x.txt does not exist"),
     (["compress", "--sparsity", "0.25", "--bypass-target", "block", "--out", "p"], "invalid choice: 'block'"),
-    (["compress", "--sparsity", "0.25", "--probe-self", "-2", "--out", "p"], "whole number >= 0, e.g. 2, got -2"),
     (["eval", "somewhere", "--ppl", "missing.txt"], "missing.txt does not exist"),
     (["eval", "somewhere"], "nothing to evaluate"),
 ])

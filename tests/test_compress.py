@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from subfit import models
-from subfit.calibration import CalibrationError, from_model
+from subfit.calibration import CalibrationError
 from subfit import compression as compress_module
 from subfit.compression import compress, compress_levels, scoring_and_probe_ids
 from subfit.reference import ReferenceModel
@@ -122,44 +122,20 @@ def test_probe_sequences_are_held_out_from_the_scoring_walk(n, held_out_scoring)
     assert scoring.shape[0] == min(n, 8) and torch.equal(probe, ids[:2])
 
 
-@pytest.fixture
-def probed(monkeypatch):
-    """Every probe tensor `output_effects` is called with, recorded around the real function."""
-    calls = []
-    real = compress_module.output_effects
+def test_output_kl_is_probed_on_sequences_the_scoring_walk_did_not_fit(stories, calib_ids, monkeypatch):
+    probed = []
 
     def recording(decoder, probe_ids, *args, **kwargs):
-        calls.append(probe_ids)
+        probed.append(probe_ids)
         return real(decoder, probe_ids, *args, **kwargs)
 
+    real = compress_module.output_effects
     monkeypatch.setattr(compress_module, "output_effects", recording)
-    return calls
-
-
-def test_output_kl_is_probed_on_sequences_the_scoring_walk_did_not_fit(stories, calib_ids, probed):
-    plan = compress(stories[0], 0.25, calib_ids, step=0.25, score_samples=8, probe_self=0, progress=False)
+    plan = compress(stories[0], 0.25, calib_ids, step=0.25, score_samples=8, progress=False)
     assert probed and all(torch.equal(ids, calib_ids[8:10]) for ids in probed)
     assert plan.method["probe"] == "held-out" and plan.method["probe_samples"] == 2
-    assert plan.method["probe_self"] == 0
     with pytest.raises(ValueError, match="Unknown probe"):
         compress(stories[0], 0.25, calib_ids, probe="training", progress=False)
-
-
-def test_probe_self_adds_seeded_text_sampled_from_the_model(stories, calib_ids, probed):
-    """`probe_self` sequences are the model's own samples (seed + 1), after the calibration probe;
-    the caller's random state is left alone, and a bad count is refused."""
-    model = stories[0]
-    torch.manual_seed(123)
-    state = torch.random.get_rng_state()
-    plan = compress(model, 0.25, calib_ids, step=0.25, score_samples=8, probe_self=2, seed=4, progress=False)
-    assert torch.equal(torch.random.get_rng_state(), state)
-    sampled = from_model(model, None, 2, calib_ids.shape[1], seed=5)
-    assert probed and all(torch.equal(ids, torch.cat([calib_ids[8:10], sampled])) for ids in probed)
-    assert not any(torch.equal(row, c) for row in sampled for c in calib_ids)
-    assert plan.method["probe_samples"] == 2 and plan.method["probe_self"] == 2
-    for bad in (-1, 1.5, True):
-        with pytest.raises(ValueError, match="probe_self"):
-            compress(model, 0.25, calib_ids, probe_self=bad, progress=False)
 
 
 def test_run_target_refits_the_same_selection(stories, calib_ids):
