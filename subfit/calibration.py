@@ -69,20 +69,22 @@ def from_dataset(tokenizer, spec: str, n: int, length: int, seed: int = 0, text_
 
 @torch.no_grad()
 def from_model(model, tokenizer, n: int, length: int, seed: int = 0, batch_size: int = 32) -> torch.Tensor:
-    """Sequences sampled from the model itself (temperature 1, from BOS): no data download at all."""
+    """Sequences sampled from the model itself (temperature 1, from BOS): no data download at all.
+    Seeded on a forked generator, so the caller's random state is left as it was."""
     start = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
     device = next(model.parameters()).device
-    torch.manual_seed(seed)
     batches = []
-    for first in tqdm(range(0, n, batch_size), desc="sampling calibration text", leave=False):
-        rows = min(batch_size, n - first)
-        prompt = torch.full((rows, 1), start, dtype=torch.long, device=device)
-        out = model.generate(
-            prompt, do_sample=True, temperature=1.0, top_k=0, top_p=1.0, max_new_tokens=length - 1,
-            min_new_tokens=length - 1, eos_token_id=None,
-            pad_token_id=tokenizer.eos_token_id if tokenizer.eos_token_id not in (None, start) else start,
-        )
-        batches.append(out[:, :length].cpu())
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        torch.manual_seed(seed)
+        for first in tqdm(range(0, n, batch_size), desc="sampling calibration text", leave=False):
+            rows = min(batch_size, n - first)
+            prompt = torch.full((rows, 1), start, dtype=torch.long, device=device)
+            out = model.generate(
+                prompt, do_sample=True, temperature=1.0, top_k=0, top_p=1.0, max_new_tokens=length - 1,
+                min_new_tokens=length - 1, eos_token_id=None,
+                pad_token_id=tokenizer.eos_token_id if tokenizer.eos_token_id not in (None, start) else start,
+            )
+            batches.append(out[:, :length].cpu())
     return torch.cat(batches)
 
 

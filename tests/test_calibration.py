@@ -30,10 +30,15 @@ def test_missing_file_and_bad_sizes(stories, tmp_path):
 
 
 def test_self_generated_calibration_is_seeded(stories):
+    """Same seed, same text; and the caller's random state is left as it was."""
     model, tok, _ = stories
+    torch.manual_seed(7)
+    state = torch.random.get_rng_state()
     a = from_model(model, tok, 3, 24, seed=1)
+    assert torch.equal(torch.random.get_rng_state(), state)
     assert a.shape == (3, 24) and a[:, 0].eq(tok.bos_token_id).all()
     assert torch.equal(a, from_model(model, tok, 3, 24, seed=1))
+    assert not torch.equal(a, from_model(model, tok, 3, 24, seed=2))
 
 
 def test_skipped_windows_are_disjoint_from_the_drawn_ones():
