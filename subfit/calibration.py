@@ -72,6 +72,9 @@ def from_model(model, tokenizer, n: int, length: int, seed: int = 0, batch_size:
     """Sequences sampled from the model itself (temperature 1, from BOS): no data download at all.
     Seeded on a forked generator, so the caller's random state is left as it was."""
     start = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
+    if start is None:
+        raise CalibrationError("Sampling calibration text from the model needs a BOS or EOS token to start from, "
+                               "and this tokenizer has neither. Pass calibration text instead (--calib FILE).")
     device = next(model.parameters()).device
     batches = []
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):

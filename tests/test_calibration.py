@@ -41,6 +41,18 @@ def test_self_generated_calibration_is_seeded(stories):
     assert not torch.equal(a, from_model(model, tok, 3, 24, seed=2))
 
 
+def test_self_generated_calibration_needs_a_start_token(stories_dir):
+    from transformers import AutoTokenizer
+
+    from subfit import models
+
+    model, _, _ = models.load(stories_dir)
+    tok = AutoTokenizer.from_pretrained(stories_dir)
+    tok.bos_token, tok.eos_token = None, None
+    with pytest.raises(CalibrationError, match="has neither. Pass calibration text"):
+        from_model(model, tok, 2, 8)
+
+
 def test_skipped_windows_are_disjoint_from_the_drawn_ones():
     """skip=N continues the same seeded order: held-out windows never overlap calibration's N."""
     stream = torch.arange(40 * 7)
