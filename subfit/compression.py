@@ -157,7 +157,7 @@ def compress_levels(
             raise ValueError(problem)
     scoring_ids, probe_ids = scoring_and_probe_ids(calib_ids, score_samples, probe_samples, probe)
     selector = _Selector(decoder, groups, sizes, ranks, ridge, SCORES[score], scoring_ids, probe_ids, shortlist,
-                         dict(batch_size=batch_size, device=device, progress=progress))
+                         dict(batch_size=batch_size, device=device, progress=progress), len(levels) > 1)
     plans = []
     for sparsity, quota in zip(levels, quotas):
         if contiguous:
@@ -194,11 +194,14 @@ class _Selector:
 
     def __init__(self, decoder: Decoder, groups: list[Group], sizes: dict[Group, int], ranks: dict[str, int],
                  ridge: float, scorer, scoring_ids: torch.Tensor, probe_ids: torch.Tensor, shortlist: int,
-                 walk_args: dict):
+                 walk_args: dict, reuse_first_walk: bool):
         self.decoder, self.groups, self.sizes, self.ranks, self.ridge = decoder, groups, sizes, ranks, ridge
         self.scorer, self.scoring_ids, self.probe_ids, self.shortlist = scorer, scoring_ids, probe_ids, shortlist
         self.walk_args = dict(walk_args, weighting=scorer.weighting)
         self.walks = 0
+        # A walk's statistics are two float64 d x d matrices per unit (2 GB on Llama-3.2-1B, 17 GB
+        # on a 32-layer 7B model): the first walk is cached only when several levels will reuse it.
+        self.reuse_first_walk = reuse_first_walk
         self.first_walk: dict[bool, tuple[dict[Group, float], dict]] = {}
 
     def candidate_fit(self, kind: str, layer: int, stats) -> LinearFit:
@@ -207,7 +210,7 @@ class _Selector:
     def score(self, removed: list[Unit], every_group: bool) -> tuple[dict[Group, float], dict]:
         """One walk with `removed` bypassed: the damage score of every kept group, and the walk's
         statistics (of kept and removed units alike). The first walk (nothing removed) is the
-        same for every level and is made once."""
+        same for every level and is made once when several levels share it."""
         if not removed and every_group in self.first_walk:
             return self.first_walk[every_group]
         self.walks += 1
@@ -231,7 +234,7 @@ class _Selector:
             unit_scores = output_effects(self.decoder, self.probe_ids, bypasses,
                                          {u: _as_bypass(fits[u]) for g in kept for u in g})
         result = {g: sum(unit_scores[u] for u in g) for g in kept}, stats
-        if not removed:
+        if not removed and self.reuse_first_walk:
             self.first_walk[every_group] = result
         return result
 
@@ -239,11 +242,12 @@ class _Selector:
         """Greedy removal up to `quota` parameters: each walk plans the room left (the mix of
         groups that fills it best at the least damage) and commits the safest part of that plan,
         by damage per parameter, until `step` more parameters are removed; the last walk commits
-        all of it. Returns the removed units and the statistics of the last walk, which saw every
-        one of them."""
+        all of it. Returns the removed units and the last walk's statistics of the removed
+        FeedForwards (that walk saw every one of them), for their shared basis."""
         removed: list[Unit] = []
         used, stats = 0, {}
         for mark in [k * step for k in range(1, math.ceil(quota / step))] + [quota] if quota else []:
+            stats = {}  # free the last walk's statistics before the next walk gathers its own
             scores, stats = self.score(removed, every_group=False)
             planned = greedy_select(scores, self.sizes, quota - used)
             for group in sorted(planned, key=lambda g: scores[g] / self.sizes[g]):
@@ -251,13 +255,19 @@ class _Selector:
                     break
                 removed += group
                 used += self.sizes[group]
-        return removed, stats
+        return removed, _basis_stats(stats, removed)
 
     def window(self, quota: int) -> tuple[list[Unit], dict]:
         """The contiguous ablation: the best run of groups under `quota`, scored in one walk."""
         scores, stats = self.score([], every_group=True)
         order = [g for g in self.groups if g in scores]
-        return [u for g in best_window(order, scores, self.sizes, quota) for u in g], stats
+        removed = [u for g in best_window(order, scores, self.sizes, quota) for u in g]
+        return removed, _basis_stats(stats, removed)
+
+
+def _basis_stats(stats: dict, removed: list[Unit]) -> dict:
+    """The statistics the final fit still needs: the removed FeedForwards', for their shared basis."""
+    return {u: stats[u] for u in removed if u[0] == "ffn"}
 
 
 def _fit_bypasses(plan: Plan, decoder: Decoder, calib_ids: torch.Tensor, removed: list[Unit], basis_stats: dict,
