@@ -7,6 +7,7 @@ may use `synthetic_plan` (random bypass weights at a target sparsity) when no re
 """
 from __future__ import annotations
 
+import inspect
 import statistics
 import time
 from dataclasses import dataclass
@@ -50,13 +51,15 @@ class HFContender:
     def __init__(self, model, *, compiled: bool = False, max_cache_len: int = 2048):
         self.model, self.compiled, self.max_cache_len = model, compiled, max_cache_len
         self.device = model.device
+        # Newer transformers name the cache argument `cache` (`past_key_values` goes in 5.40).
+        self.cache_arg = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
         self.step = self._step
         if compiled:
             self.step = torch.compile(self._step, mode="reduce-overhead", fullgraph=True)
 
     def _step(self, token, cache_position, cache):
-        logits = self.model(token, cache_position=cache_position, past_key_values=cache, use_cache=True,
-                            return_dict=False)[0]
+        logits = self.model(token, cache_position=cache_position, use_cache=True, return_dict=False,
+                            **{self.cache_arg: cache})[0]
         return logits[:, -1].argmax(-1, keepdim=True)
 
     @torch.inference_mode()

@@ -2,7 +2,10 @@
 import argparse
 
 import pytest
+import torch
 
+from subfit.reference import ReferenceModel
+from subfit.runtime.bench import HFContender
 from subfit.runtime.cli import add_commands
 
 
@@ -66,3 +69,15 @@ def test_bench_prints_a_table(stories_dir, stories, plan_of, tmp_path, capsys):
     out = capsys.readouterr().out
     for row in ("transformers eager (dense)", "runtime dense", "runtime plan (39.9%)", "runtime synthetic 25.0%"):
         assert row in out
+
+
+def test_transformers_row_decodes_with_its_cache(stories):
+    """The baseline row must time real cached decoding: a cache passed under a name the installed
+    transformers ignores would decode each token without context and give other tokens."""
+    model = stories[0]
+    ids = torch.randint(3, model.config.vocab_size, (1, 9), generator=torch.Generator().manual_seed(0))
+    contender = HFContender(model)
+    tokens = [contender.prefill(ids)]
+    for _ in range(5):
+        tokens.append(contender.decode(tokens[-1]))
+    assert torch.equal(torch.cat(tokens, 1), ReferenceModel(model).greedy(ids, 6))
