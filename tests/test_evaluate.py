@@ -29,7 +29,7 @@ def test_perplexity_matches_the_hf_loss_on_one_window(stories):
     model, tokenizer, _ = stories
     ids = tokenizer("Once upon a time, there was a little girl named Lily. She loved to play.",
                     return_tensors="pt").input_ids
-    loss = model(ids, labels=ids).loss
+    loss = model(ids, labels=ids).loss.detach()
     result = perplexity(ReferenceModel(model), ids[0], window=64, progress=False)
     assert math.isclose(result["ppl"], math.exp(float(loss)), rel_tol=1e-5)
     same = perplexity(ReferenceModel(model), ids[0], window=64, dense_fn=ReferenceModel(model), progress=False)
