@@ -196,22 +196,38 @@ def run_eval(args) -> int:
 
 
 def report_table(report: dict) -> Table:
-    """Rows: metrics; columns: dense / compressed (and their ratio where it means something)."""
+    """Rows: metrics; columns: dense / compressed. Where a dense column was scored on the same
+    windows and examples, the compressed column also shows its paired difference from it."""
+    from subfit.evaluation import paired_difference, perplexity_ratio
+
     columns = report["columns"]
+    dense = columns.get("dense")
     table = Table(title="subfit eval")
     table.add_column("metric")
     for name in columns:
         table.add_column(name, justify="right")
     metrics: list[tuple[str, callable]] = []
     first = next(iter(columns.values()))
+
+    def against_dense(fn):
+        return lambda r: "" if r is dense else fn(r)
+
     if "perplexity" in first:
         metrics.append(("perplexity", lambda r: f"{r['perplexity']['ppl']:.2f}"))
+        if dense is not None and len(columns) > 1 and "window_nll" in dense["perplexity"]:
+            metrics.append(("perplexity / dense", against_dense(
+                lambda r: "{:.3f} (log ± {:.3f})".format(*perplexity_ratio(r["perplexity"], dense["perplexity"])))))
         if "kl" in list(columns.values())[-1].get("perplexity", {}):
             metrics.append(("KL(dense||model)", lambda r: f"{r['perplexity'].get('kl', 0.0):.4f}"))
             metrics.append(("top-1 agreement", lambda r: f"{r['perplexity'].get('top1_agreement', 1.0):.3f}"))
     for task in first.get("tasks", {}):
-        metrics.append((f"{task} acc", lambda r, t=task: f"{r['tasks'][t]['acc']:.3f}"))
-        metrics.append((f"{task} acc_norm", lambda r, t=task: f"{r['tasks'][t]['acc_norm']:.3f}"))
+        for metric in ("acc", "acc_norm"):
+            metrics.append((f"{task} {metric}", lambda r, t=task, m=metric:
+                            f"{r['tasks'][t][m]:.3f} ± {r['tasks'][t][m + '_stderr']:.3f}"))
+            if dense is not None and len(columns) > 1 and "correct" in dense["tasks"][task]:
+                metrics.append((f"{task} {metric} - dense", against_dense(
+                    lambda r, t=task, m=metric: "{:+.3f} ± {:.3f}".format(
+                        *paired_difference(r["tasks"][t], dense["tasks"][t], m)))))
     for label, fmt in metrics:
         table.add_row(label, *[fmt(r) for r in columns.values()])
     return table

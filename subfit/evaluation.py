@@ -51,26 +51,30 @@ def perplexity(
     dense_fn: LogitsFn | None = None,
     progress: bool = True,
 ) -> dict:
-    """Perplexity of a token stream; with `dense_fn`, also KL(dense || model) and top-1 agreement."""
+    """Perplexity of a token stream; with `dense_fn`, also KL(dense || model) and top-1 agreement.
+    Each window's summed NLL is kept, so two models scored on the same stream can be compared
+    window by window (`perplexity_ratio`)."""
     stride = stride or window
     if not 0 < stride <= window:
         raise ValueError(f"stride={stride} must be in 1..window ({window}).")
     if ids.numel() < 2:
         raise ValueError("The text has fewer than 2 tokens: nothing to score.")
-    nll, count, kl, agree = 0.0, 0, 0.0, 0
+    window_nll, window_tokens, kl, agree = [], [], 0.0, 0
     spans = list(_windows(ids.numel(), window, stride))
     for start, end, first in tqdm(spans, desc="perplexity", disable=not progress, leave=False):
         chunk = ids[start:end][None]
         logits = logits_fn(chunk)[0, first:-1].float()
         targets = chunk[0, first + 1:]
         logp = F.log_softmax(logits, -1)
-        nll -= float(logp.gather(-1, targets[:, None]).sum())
-        count += targets.numel()
+        window_nll.append(-float(logp.gather(-1, targets[:, None]).sum()))
+        window_tokens.append(targets.numel())
         if dense_fn is not None:
             dense_logp = F.log_softmax(dense_fn(chunk)[0, first:-1].float(), -1)
             kl += float((dense_logp.exp() * (dense_logp - logp)).sum())
             agree += int((dense_logp.argmax(-1) == logp.argmax(-1)).sum())
-    result = {"ppl": math.exp(nll / count), "tokens": count, "window": window, "stride": stride}
+    count = sum(window_tokens)
+    result = {"ppl": math.exp(sum(window_nll) / count), "tokens": count, "window": window, "stride": stride,
+              "window_nll": window_nll, "window_tokens": window_tokens}
     if dense_fn is not None:
         result.update(kl=kl / count, top1_agreement=agree / count)
     return result
@@ -152,27 +156,70 @@ def loglikelihoods(logits_fn: LogitsFn, tokenizer, pairs: list[tuple[str, str]],
     return results
 
 
-def multiple_choice(logits_fn: LogitsFn, tokenizer, path, limit: int | None = None, batch_size: int = 16,
-                    progress: bool = True) -> dict:
-    """acc and acc_norm (log-likelihood / continuation length in characters) like lm-eval."""
-    docs = load_task(path, limit)
+def choice_outcomes(logits_fn: LogitsFn, tokenizer, docs: list[dict], batch_size: int = 16,
+                    progress: bool = True) -> tuple[list[int], list[int]]:
+    """Per example, 1 if right: by summed log-likelihood (acc) and by log-likelihood per
+    character of the continuation (acc_norm), like lm-eval; greedy tasks score both alike."""
     built = [requests_for(d) for d in docs]
     pairs = [p for reqs, _, _ in built for p in reqs]
     scores = loglikelihoods(logits_fn, tokenizer, pairs, batch_size, progress=progress)
-    acc = acc_norm = 0
+    acc, acc_norm = [], []
     cursor = 0
     for reqs, gold, kind in built:
         chunk = scores[cursor:cursor + len(reqs)]
         cursor += len(reqs)
         if kind == "greedy":
-            acc += chunk[0][1]
-            acc_norm += chunk[0][1]
+            acc.append(int(chunk[0][1]))
+            acc_norm.append(int(chunk[0][1]))
             continue
         lls = [s for s, _ in chunk]
-        acc += int(max(range(len(lls)), key=lls.__getitem__) == gold)
+        acc.append(int(max(range(len(lls)), key=lls.__getitem__) == gold))
         normed = [ll / max(len(cont), 1) for ll, (_, cont) in zip(lls, reqs)]
-        acc_norm += int(max(range(len(normed)), key=normed.__getitem__) == gold)
-    return {"acc": acc / len(docs), "acc_norm": acc_norm / len(docs), "n": len(docs)}
+        acc_norm.append(int(max(range(len(normed)), key=normed.__getitem__) == gold))
+    return acc, acc_norm
+
+
+def _mean_stderr(values: list[float]) -> tuple[float, float]:
+    """Mean and its standard error (sample standard deviation / sqrt(n), as lm-eval reports)."""
+    x = torch.tensor(values, dtype=torch.float64)
+    return float(x.mean()), float(x.std() / math.sqrt(len(values))) if len(values) > 1 else float("nan")
+
+
+def multiple_choice(logits_fn: LogitsFn, tokenizer, path, limit: int | None = None, batch_size: int = 16,
+                    progress: bool = True) -> dict:
+    """acc and acc_norm with their standard errors, and the per-example outcomes that a paired
+    comparison of two models on the same examples needs (`paired_difference`)."""
+    acc, acc_norm = choice_outcomes(logits_fn, tokenizer, load_task(path, limit), batch_size, progress)
+    (a, a_se), (an, an_se) = _mean_stderr(acc), _mean_stderr(acc_norm)
+    return {"acc": a, "acc_stderr": a_se, "acc_norm": an, "acc_norm_stderr": an_se, "n": len(acc),
+            "correct": acc, "correct_norm": acc_norm}
+
+
+def paired_difference(model: dict, other: dict, metric: str = "acc") -> tuple[float, float]:
+    """Accuracy of `model` minus `other` on the same examples, and the standard error of that
+    difference from the per-example differences: far smaller than the two accuracies' own errors
+    when both models get most examples alike, which is what separates close methods."""
+    key = {"acc": "correct", "acc_norm": "correct_norm"}[metric]
+    a, b = model[key], other[key]
+    if len(a) != len(b):
+        raise ValueError(f"Paired comparison needs the same examples: {len(a)} outcomes against {len(b)}.")
+    return _mean_stderr([x - y for x, y in zip(a, b)])
+
+
+def perplexity_ratio(model: dict, other: dict) -> tuple[float, float]:
+    """Perplexity of `model` over `other` on the same windows, and the standard error of its log
+    from the windows' per-token NLL differences (windows as the independent units)."""
+    if model["window_tokens"] != other["window_tokens"]:
+        raise ValueError("Perplexity ratio needs the same text and windows for both models.")
+    n = torch.tensor(model["window_tokens"], dtype=torch.float64)
+    d = torch.tensor(model["window_nll"], dtype=torch.float64) - torch.tensor(other["window_nll"], dtype=torch.float64)
+    log_ratio = float(d.sum() / n.sum())
+    w = len(n)
+    if w < 2:
+        return math.exp(log_ratio), float("nan")
+    residual = d - log_ratio * n
+    stderr = float(torch.sqrt((residual ** 2).sum() * w / (w - 1)) / n.sum())
+    return math.exp(log_ratio), stderr
 
 
 def evaluate(

@@ -336,7 +336,7 @@ def run_sweep(config: SweepConfig) -> dict:
         return report, seconds
 
     dense_report, dense_seconds = evaluated("dense", None)
-    rows = []
+    rows, reports = [], {}
     for name in config.methods:
         for level in config.levels:
             row = {"method": name, "base_method": VARIANTS[name][0], "options": VARIANTS[name][1], "level": level}
@@ -345,8 +345,18 @@ def run_sweep(config: SweepConfig) -> dict:
                 continue
             plan = plans[(name, level)]
             report, seconds = evaluated(f"{name}@{level_tag(level)}", plan)
+            reports[(name, level)] = report
             rows.append({**row, **_row_metrics(plan, report, dense_report, config.metric),
                          "compress_seconds": compress_seconds.get((name, level)), "eval_seconds": seconds})
+    subfit_rows = {r["level"]: r for r in rows if r["method"] == "subfit" and ("subfit", r["level"]) in reports}
+    for row in rows:
+        ours = subfit_rows.get(row["level"])
+        if ours is None or row is ours or (row["method"], row["level"]) not in reports:
+            continue
+        paired = paired_against(reports[("subfit", row["level"])], reports[(row["method"], row["level"])],
+                                dense_report, config.metric)
+        if paired:
+            row["subfit_paired"] = {"subfit_sparsity": ours["sparsity"], **paired}
 
     results = {
         "title": config.title or f"SubFit quality sweep: {source.describe()}",
@@ -427,6 +437,34 @@ def _row_metrics(plan, report: dict, dense: dict, metric: str) -> dict:
             row["core_retention"] = sum(core) / len(core)
         row["mean_acc"] = sum(r[metric] for r in tasks.values()) / len(tasks)
     return row
+
+
+def paired_against(report: dict, other: dict, dense: dict, metric: str) -> dict:
+    """`report`'s model against `other`'s on the same windows and examples: perplexity ratio (with
+    the standard error of its log) and retention differences in points of dense accuracy (with
+    standard errors from per-example differences; tasks independent). Empty for reports made
+    before evaluations kept per-window and per-example scores."""
+    from subfit.evaluation import paired_difference, perplexity_ratio
+
+    out: dict = {}
+    if "window_nll" in report.get("perplexity", {}) and "window_nll" in other.get("perplexity", {}):
+        ratio, log_se = perplexity_ratio(report["perplexity"], other["perplexity"])
+        out["ppl_ratio"], out["ppl_ratio_log_stderr"] = ratio, log_se
+    tasks = {t: r for t, r in report.get("tasks", {}).items() if "correct" in r and "correct" in other["tasks"].get(t, {})
+             and dense["tasks"][t][metric] > 0}
+    if not tasks:
+        return out
+    diffs = {}
+    for t, r in tasks.items():
+        diff, se = paired_difference(r, other["tasks"][t], metric)
+        scale = 100.0 / dense["tasks"][t][metric]
+        diffs[t] = (diff * scale, se * scale)
+    out["retention_diff"] = {t: {"diff": d, "stderr": e} for t, (d, e) in diffs.items()}
+    for key, names in (("mean", list(diffs)), ("core", [t for t in diffs if t not in SECONDARY_TASKS])):
+        if names and (key == "mean" or len(names) < len(diffs)):
+            out[f"{key}_retention_diff"] = sum(diffs[t][0] for t in names) / len(names)
+            out[f"{key}_retention_diff_stderr"] = math.sqrt(sum(diffs[t][1] ** 2 for t in names)) / len(names)
+    return out
 
 
 def layer_map(attn: list[str], ffn: list[str]) -> str:
@@ -515,6 +553,7 @@ def markdown(results: dict, map_levels=(0.25,)) -> str:
         if any("core_retention" in r for r in rows):
             lines += pivot(f"Mean accuracy retention without {', '.join(t for t in tasks if t not in core)} "
                            f"({', '.join(core)}), % of dense", "core_retention", ".1f", "higher is better")
+    lines += paired_table([r for r in rows if "subfit_paired" in r], tasks)
     head = ["target", "method", "sparsity", "removed A/F", "bypass params", "KV red."]
     if "ppl" in dense:
         head += ["PPL", "PPL ratio"]
@@ -563,6 +602,42 @@ def markdown(results: dict, map_levels=(0.25,)) -> str:
         if shared:
             lines += ["", "Shared walks (once for all levels): " + ", ".join(f"{k} {v:.1f} s" for k, v in shared.items())]
     return "\n".join(lines) + "\n"
+
+
+def paired_table(rows: list[dict], tasks: list[str]) -> list[str]:
+    """SubFit against each other method at its level, from `paired_against`."""
+    if not rows:
+        return []
+
+    def cell(value, stderr, spec) -> str:
+        if value is None:
+            return "–"
+        text = f"{value:{spec}} ± {stderr:{spec.lstrip('+')}}" if stderr == stderr else f"{value:{spec}}"
+        return f"**{text}**" if stderr == stderr and abs(value) > 2 * stderr else text
+
+    head = ["level", "method (sparsity)", "SubFit (sparsity)", "PPL SubFit / method", "mean retention diff",
+            "core retention diff"] + [f"{t} diff" for t in tasks]
+    lines = ["## SubFit against each method, paired", "",
+             "The same perplexity windows and task examples score both, so each difference has a standard error "
+             "from the per-window (per-example) differences: far smaller than either score's own error when the "
+             "two models mostly agree. ± is one standard error; bold: more than two from zero. PPL: SubFit's "
+             "perplexity over the method's (below 1: SubFit better), ± on its log. Retention: SubFit minus the "
+             "method, in points of dense accuracy (above 0: SubFit better).", "",
+             "| " + " | ".join(head) + " |", "|---|---|---|" + "---:|" * (len(head) - 3)]
+    for r in rows:
+        p = r["subfit_paired"]
+        ppl = "–"
+        if "ppl_ratio" in p:
+            ratio, log_se = p["ppl_ratio"], p["ppl_ratio_log_stderr"]
+            ppl = f"{ratio:.3f} (log ± {log_se:.3f})"
+            ppl = f"**{ppl}**" if abs(math.log(ratio)) > 2 * log_se else ppl
+        per_task = [cell(p["retention_diff"][t]["diff"], p["retention_diff"][t]["stderr"], "+.1f")
+                    if t in p.get("retention_diff", {}) else "–" for t in tasks]
+        lines.append("| " + " | ".join([
+            f"{r['level']:g}", f"{r['method']} ({r['sparsity']:.3f})", f"{p['subfit_sparsity']:.3f}", ppl,
+            cell(p.get("mean_retention_diff"), p.get("mean_retention_diff_stderr"), "+.1f"),
+            cell(p.get("core_retention_diff"), p.get("core_retention_diff_stderr"), "+.1f"), *per_task]) + " |")
+    return lines + [""]
 
 
 STYLE = {  # colour, line style, marker

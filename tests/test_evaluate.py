@@ -2,11 +2,12 @@
 multiple choice follows lm-evaluation-harness on planted cases."""
 import json
 import math
+import statistics
 
 import pytest
 import torch
 
-from subfit.evaluation import _windows, multiple_choice, perplexity, requests_for
+from subfit.evaluation import _windows, multiple_choice, paired_difference, perplexity, perplexity_ratio, requests_for
 from subfit.reference import ReferenceModel
 
 
@@ -50,7 +51,8 @@ def test_multiple_choice_prefers_what_the_model_says(stories, tmp_path):
     path = tmp_path / "task.jsonl"
     path.write_text("\n".join(json.dumps(d) for d in docs))
     result = multiple_choice(ref, tokenizer, path, progress=False)
-    assert result["n"] == 3 and result["acc"] == pytest.approx(2 / 3)
+    assert result["n"] == 3 and result["acc"] == pytest.approx(2 / 3) and result["correct"] == [1, 1, 0]
+    assert result["acc_stderr"] == pytest.approx(statistics.stdev([1, 1, 0]) / math.sqrt(3))
     plain = tokenizer.decode(ref.greedy(tokenizer(query, return_tensors="pt").input_ids, 3)[0]).split()[0]
     lam = tmp_path / "lambada.jsonl"
     lam.write_text(json.dumps({"context": query, "continuation": plain}) + "\n"
@@ -66,3 +68,36 @@ def test_winogrande_partial_scoring_scores_the_shared_continuation():
 def test_unknown_task_format_is_refused():
     with pytest.raises(ValueError, match="Unknown task format"):
         requests_for({"question": "?"})
+
+
+def test_paired_difference_uses_the_per_example_differences():
+    """Two models that mostly agree: the paired error is that of the per-example differences, far
+    below the error of either accuracy alone."""
+    a = {"correct": [1, 1, 0, 1, 0, 1, 1, 0], "correct_norm": [1] * 8}
+    b = {"correct": [1, 0, 0, 1, 0, 1, 0, 0], "correct_norm": [1] * 7 + [0]}
+    diff, se = paired_difference(a, b)
+    d = [x - y for x, y in zip(a["correct"], b["correct"])]
+    assert diff == pytest.approx(0.25) and se == pytest.approx(statistics.stdev(d) / math.sqrt(8))
+    assert paired_difference(a, b, "acc_norm")[0] == pytest.approx(1 / 8)
+    assert paired_difference(a, a) == (0.0, 0.0)
+    with pytest.raises(ValueError, match="same examples"):
+        paired_difference(a, {"correct": [1, 0]})
+
+
+def test_perplexity_ratio_pairs_the_windows(stories):
+    """The ratio is exactly the ratio of the two perplexities; a per-token loss shift that is the
+    same in every window has no error; other windows are refused."""
+    model, tokenizer, _ = stories
+    ids = tokenizer("Once upon a time, there was a little girl named Lily. She loved to play outside. " * 6,
+                    return_tensors="pt").input_ids[0]
+    ref = ReferenceModel(model)
+    hot = perplexity(lambda x: ref(x) * 1.3, ids, window=48, progress=False)
+    cold = perplexity(ref, ids, window=48, progress=False)
+    assert len(hot["window_nll"]) > 2
+    ratio, log_se = perplexity_ratio(hot, cold)
+    assert ratio == pytest.approx(hot["ppl"] / cold["ppl"], rel=1e-12) and log_se > 0
+    shifted = {**cold, "window_nll": [v + 0.1 * n for v, n in zip(cold["window_nll"], cold["window_tokens"])]}
+    ratio, log_se = perplexity_ratio(shifted, cold)
+    assert ratio == pytest.approx(math.exp(0.1)) and log_se == pytest.approx(0.0, abs=1e-12)
+    with pytest.raises(ValueError, match="same text and windows"):
+        perplexity_ratio(perplexity(ref, ids, window=32, progress=False), cold)

@@ -69,6 +69,17 @@ def test_sweep_outputs_cache_and_resume(stories_dir, files, tmp_path):
     out = tmp_path / "results" / "sweep"
     md = (tmp_path / "results" / "sweep.md").read_text()
     assert "| subfit |" in md and "Perplexity ratio" in md and "n/a" in md
+    # Paired against SubFit on the same windows and examples: the per-example path agrees with
+    # the aggregate figures.
+    for (method, level), row in rows.items():
+        if method == "subfit" or "error" in row:
+            assert "subfit_paired" not in row
+            continue
+        paired, ours = row["subfit_paired"], rows[("subfit", level)]
+        assert paired["ppl_ratio"] == pytest.approx(ours["ppl"] / row["ppl"], rel=1e-9)
+        assert paired["mean_retention_diff"] == pytest.approx(ours["mean_retention"] - row["mean_retention"])
+        assert paired["mean_retention_diff_stderr"] >= 0 and paired["subfit_sparsity"] == ours["sparsity"]
+    assert "SubFit against each method, paired" in md
     for suffix in ("_quality.png", "_layers.png", "_layers_0.125.png"):
         png = (tmp_path / "results" / f"sweep{suffix}").read_bytes()
         assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 10_000
