@@ -515,7 +515,8 @@ def markdown(results: dict, map_levels=(0.25,)) -> str:
         f"- calibration: `{cfg['calib']}`, {cfg['calib_samples']} x {cfg['calib_len']} tokens, seed {cfg['seed']}",
         f"- perplexity: `{cfg['ppl']}`, window {cfg['window']}, first {cfg['max_tokens']} tokens"
         if cfg["ppl"] else "- perplexity: not measured",
-        f"- tasks: {', '.join(f'`{Path(t).name}`' for t in cfg['tasks'])}, first {cfg['limit']} examples each; "
+        f"- tasks: {', '.join(f'`{Path(t).name}`' for t in cfg['tasks'])}, "
+        + (f"first {cfg['limit']} examples each; " if cfg["limit"] else "every example (full splits); ") +
         f"accuracy = `{metric}`; retention = method accuracy / dense accuracy, mean over tasks",
         f"- sparsity = removed transformer-block parameters / all block parameters (Plan.accounting); layer-level "
         "methods remove the nearest whole number of layers, so their exact sparsity differs from the target",
@@ -726,7 +727,9 @@ def plot_layers(results: dict, path: Path, level: float) -> Path | None:
         if "actions" in by[m]:
             grid[2 * i] = [code[a] for a in by[m]["actions"]["attn"]]
             grid[2 * i + 1] = [code[a] for a in by[m]["actions"]["ffn"]]
-    fig, ax = plt.subplots(figsize=(max(6.5, 0.3 * n_layers + 3.4), 0.5 * len(shown) + 1.7))
+    note = "replaceme" in shown  # its one block map needs a word on how it is drawn
+    height = 0.5 * len(shown) + 1.7 + 0.2 * note  # the legend (and note) sit in a fixed margin in inches
+    fig, ax = plt.subplots(figsize=(max(6.5, 0.3 * n_layers + 3.4), height))
     ax.imshow(grid, cmap=ListedColormap(["#f2f2f2", "#4c9be8", "#d62728", "#ffffff"]), vmin=0, vmax=3,
               aspect="auto", interpolation="nearest")
     ax.set_xticks(range(n_layers))
@@ -746,9 +749,10 @@ def plot_layers(results: dict, path: Path, level: float) -> Path | None:
     handles = [Patch(color="#f2f2f2", label="kept"), Patch(color="#4c9be8", label="bypassed (fitted map)"),
                Patch(color="#d62728", label="deleted"), Patch(facecolor="white", edgecolor="0.5", label="not feasible")]
     fig.legend(handles=handles, loc="lower center", ncol=4, fontsize=7, frameon=False)
-    fig.text(0.5, 0.045, "ReplaceMe: its one block map is drawn on the block's first attention; the rest of the "
-             "block is deleted", ha="center", fontsize=6, color="0.35")
-    fig.tight_layout(rect=(0, 0.07, 1, 1))
+    if note:
+        fig.text(0.5, 0.3 / height, "ReplaceMe: its one block map is drawn on the block's first attention; the rest "
+                 "of the block is deleted", ha="center", fontsize=6, color="0.35")
+    fig.tight_layout(rect=(0, (0.5 + 0.15 * note) / height, 1, 1))
     fig.savefig(path, dpi=120)
     plt.close(fig)
     return path
