@@ -214,7 +214,7 @@ def report_table(report: dict) -> Table:
 
     if "perplexity" in first:
         metrics.append(("perplexity", lambda r: f"{r['perplexity']['ppl']:.2f}"))
-        if dense is not None and len(columns) > 1 and "window_nll" in dense["perplexity"]:
+        if dense is not None and len(columns) > 1:
             metrics.append(("perplexity / dense", against_dense(
                 lambda r: "{:.3f} (log ± {:.3f})".format(*perplexity_ratio(r["perplexity"], dense["perplexity"])))))
         if "kl" in list(columns.values())[-1].get("perplexity", {}):
@@ -224,7 +224,7 @@ def report_table(report: dict) -> Table:
         for metric in ("acc", "acc_norm"):
             metrics.append((f"{task} {metric}", lambda r, t=task, m=metric:
                             f"{r['tasks'][t][m]:.3f} ± {r['tasks'][t][m + '_stderr']:.3f}"))
-            if dense is not None and len(columns) > 1 and "correct" in dense["tasks"][task]:
+            if dense is not None and len(columns) > 1:
                 metrics.append((f"{task} {metric} - dense", against_dense(
                     lambda r, t=task, m=metric: "{:+.3f} ± {:.3f}".format(
                         *paired_difference(r["tasks"][t], dense["tasks"][t], m)))))

@@ -199,8 +199,12 @@ def paired_difference(model: dict, other: dict, metric: str = "acc") -> tuple[fl
     """Accuracy of `model` minus `other` on the same examples, and the standard error of that
     difference from the per-example differences: far smaller than the two accuracies' own errors
     when both models get most examples alike, which is what separates close methods."""
-    key = {"acc": "correct", "acc_norm": "correct_norm"}[metric]
-    a, b = model[key], other[key]
+    keys = {"acc": "correct", "acc_norm": "correct_norm"}
+    if metric not in keys:
+        raise ValueError(f"metric={metric!r}: choose 'acc' or 'acc_norm'.")
+    if keys[metric] not in model or keys[metric] not in other:
+        raise ValueError("A task result has no per-example outcomes (made by an older subfit): evaluate it again.")
+    a, b = model[keys[metric]], other[keys[metric]]
     if len(a) != len(b):
         raise ValueError(f"Paired comparison needs the same examples: {len(a)} outcomes against {len(b)}.")
     return _mean_stderr([x - y for x, y in zip(a, b)])
@@ -209,6 +213,8 @@ def paired_difference(model: dict, other: dict, metric: str = "acc") -> tuple[fl
 def perplexity_ratio(model: dict, other: dict) -> tuple[float, float]:
     """Perplexity of `model` over `other` on the same windows, and the standard error of its log
     from the windows' per-token NLL differences (windows as the independent units)."""
+    if "window_nll" not in model or "window_nll" not in other:
+        raise ValueError("A perplexity result has no per-window losses (made by an older subfit): evaluate it again.")
     if model["window_tokens"] != other["window_tokens"]:
         raise ValueError("Perplexity ratio needs the same text and windows for both models.")
     n = torch.tensor(model["window_tokens"], dtype=torch.float64)

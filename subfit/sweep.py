@@ -348,10 +348,10 @@ def run_sweep(config: SweepConfig) -> dict:
             reports[(name, level)] = report
             rows.append({**row, **_row_metrics(plan, report, dense_report, config.metric),
                          "compress_seconds": compress_seconds.get((name, level)), "eval_seconds": seconds})
-    subfit_rows = {r["level"]: r for r in rows if r["method"] == "subfit" and ("subfit", r["level"]) in reports}
+    subfit_rows = {r["level"]: r for r in rows if r["method"] == "subfit" and "error" not in r}
     for row in rows:
         ours = subfit_rows.get(row["level"])
-        if ours is None or row is ours or (row["method"], row["level"]) not in reports:
+        if ours is None or row is ours or "error" in row:
             continue
         paired = paired_against(reports[("subfit", row["level"])], reports[(row["method"], row["level"])],
                                 dense_report, config.metric)

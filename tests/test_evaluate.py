@@ -82,6 +82,10 @@ def test_paired_difference_uses_the_per_example_differences():
     assert paired_difference(a, a) == (0.0, 0.0)
     with pytest.raises(ValueError, match="same examples"):
         paired_difference(a, {"correct": [1, 0]})
+    with pytest.raises(ValueError, match="choose 'acc' or 'acc_norm'"):
+        paired_difference(a, b, "f1")
+    with pytest.raises(ValueError, match="evaluate it again"):
+        paired_difference(a, {"acc": 0.5, "n": 8})
 
 
 def test_perplexity_ratio_pairs_the_windows(stories):
@@ -99,5 +103,7 @@ def test_perplexity_ratio_pairs_the_windows(stories):
     shifted = {**cold, "window_nll": [v + 0.1 * n for v, n in zip(cold["window_nll"], cold["window_tokens"])]}
     ratio, log_se = perplexity_ratio(shifted, cold)
     assert ratio == pytest.approx(math.exp(0.1)) and log_se == pytest.approx(0.0, abs=1e-12)
+    with pytest.raises(ValueError, match="evaluate it again"):
+        perplexity_ratio(hot, {"ppl": cold["ppl"], "tokens": cold["tokens"]})
     with pytest.raises(ValueError, match="same text and windows"):
         perplexity_ratio(perplexity(ref, ids, window=32, progress=False), cold)
