@@ -64,6 +64,9 @@ def add_compress(sub) -> None:
                    help="sparsity committed per greedy scoring walk (default 1/32: 8 walks for 0.25)")
     p.add_argument("--score-samples", type=positive_int, default=32,
                    help="calibration sequences used for scoring walks (default 32)")
+    p.add_argument("--selection-draws", type=positive_int, default=1,
+                   help="run the selection K times on other scoring sequences and keep the plan with the least "
+                        "loss on 16 held-out calibration sequences (default 1; K times the compress time)")
     p.add_argument("--probe", default="held-out", choices=["held-out", "in-sample"],
                    help="sequences the output-kl score is measured on: held-out (default) calibration sequences "
                         "the scoring walk did not fit on, or in-sample (biased towards overfitted bypasses)")
@@ -88,8 +91,8 @@ def run_compress(args) -> int:
     if args.calib and not args.calib.startswith("hf:") and not Path(args.calib).is_file():
         raise SystemExit(f"error: calibration file {args.calib} does not exist (or use hf:ID for a dataset).")
     ablations = args.granularity != "unit" or args.contiguous or args.no_bypass
-    if args.method != "subfit" and ablations:
-        raise SystemExit(f"error: --granularity/--contiguous/--no-bypass are SubFit ablations; "
+    if args.method != "subfit" and (ablations or args.selection_draws > 1):
+        raise SystemExit(f"error: --granularity/--contiguous/--no-bypass/--selection-draws are SubFit options; "
                          f"they do not apply to --method {args.method}.")
     start = time.time()
     model, tokenizer, source = models.load(args.model, trust_remote_code=args.trust_remote_code)
@@ -97,7 +100,8 @@ def run_compress(args) -> int:
         plan = compress(model, args.sparsity, args.calib, tokenizer=tokenizer, calib_samples=args.calib_samples,
                         calib_len=args.calib_len, seed=args.seed, attn_rank=args.attn_rank, ffn_rank=args.ffn_rank,
                         ridge=1e-3 if args.ridge is None else args.ridge, score=args.score,
-                        score_samples=args.score_samples, probe=args.probe, granularity=args.granularity,
+                        score_samples=args.score_samples, selection_draws=args.selection_draws, probe=args.probe,
+                        granularity=args.granularity,
                         contiguous=args.contiguous, bypass=not args.no_bypass, device=args.device,
                         **({"step": args.step} if args.step else {}),
                         **({"bypass_target": args.bypass_target} if args.bypass_target else {}))

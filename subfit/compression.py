@@ -8,14 +8,17 @@ from typing import Sequence
 import torch
 
 from subfit import calibration, models
+from subfit.evaluation import mean_token_loss
 from subfit.fitting import LinearFit, fit_in_basis, reduced_rank_fit, shared_basis
 from subfit.models import UNIT_KINDS, Decoder
 from subfit.plan import FFN_BASIS, Bypass, Plan
+from subfit.reference import ReferenceModel
 from subfit.selection import SCORES, Group, best_window, greedy_select, group_sizes
 from subfit.stats import TARGETS, Unit, output_effects, walk
 
 MAX_SPARSITY = 0.75
 STEP = 1 / 32  # sparsity committed per scoring walk (4 walks at 12.5%, 8 at 25%, 12 at 37.5%)
+VALIDATION_SAMPLES = 16  # calibration sequences held out to choose between selection draws
 
 
 def default_ranks(hidden_size: int) -> tuple[int, int]:
@@ -29,7 +32,7 @@ PROBES = ("held-out", "in-sample")
 
 
 def _check_args(levels: Sequence[float], step: float, ridge: float, score: str, granularity: str, probe: str,
-                bypass_target: str) -> None:
+                bypass_target: str, selection_draws: int) -> None:
     if not levels:
         raise ValueError("Give at least one sparsity level.")
     for sparsity in levels:
@@ -48,6 +51,8 @@ def _check_args(levels: Sequence[float], step: float, ridge: float, score: str, 
         raise ValueError(f"Unknown probe {probe!r}; choose one of {PROBES}.")
     if bypass_target not in TARGETS:
         raise ValueError(f"Unknown bypass_target {bypass_target!r}; choose one of {TARGETS}.")
+    if isinstance(selection_draws, bool) or not isinstance(selection_draws, int) or selection_draws < 1:
+        raise ValueError(f"selection_draws={selection_draws!r} must be a whole number >= 1 (1: one greedy selection).")
 
 
 def scoring_and_probe_ids(calib_ids: torch.Tensor, score_samples: int, probe_samples: int,
@@ -66,6 +71,34 @@ def scoring_and_probe_ids(calib_ids: torch.Tensor, score_samples: int, probe_sam
     held_out = min(probe_samples, n - 1)
     scoring = calib_ids[:max(1, min(score_samples, n - held_out))]
     return scoring, calib_ids[scoring.shape[0]:scoring.shape[0] + held_out]
+
+
+def validation_split(calib_ids: torch.Tensor, draws: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The sequences bypasses are fitted on and those held out to choose between selection draws.
+
+    One draw needs no choice and fits on every sequence. Several draws set aside
+    `VALIDATION_SAMPLES` sequences, a seeded random subset (a drawn file's windows are in file
+    order), which no scoring walk, probe or fit sees, so the choice is not biased towards the
+    plan whose bypasses overfit most."""
+    if draws == 1:
+        return calib_ids, calib_ids[:0]
+    n = calib_ids.shape[0]
+    if n < VALIDATION_SAMPLES + 2:
+        raise ValueError(f"selection_draws={draws} holds out {VALIDATION_SAMPLES} calibration sequences to choose "
+                         f"between draws and needs at least 2 more to fit on, but there are {n}. Give more "
+                         f"calibration (calib_samples / --calib-samples) or use selection_draws=1.")
+    order = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
+    held = order[:VALIDATION_SAMPLES].sort().values
+    return calib_ids[order[VALIDATION_SAMPLES:].sort().values], calib_ids[held]
+
+
+def draw_order(fit_ids: torch.Tensor, draw: int, seed: int) -> torch.Tensor:
+    """The sequences in the order draw `draw` takes its scoring walk and probe from (the first ones):
+    draw 0 as given, so one draw is compress's plain selection; later draws a seeded shuffle."""
+    if draw == 0:
+        return fit_ids
+    generator = torch.Generator().manual_seed(1_000_003 * seed + draw)
+    return fit_ids[torch.randperm(fit_ids.shape[0], generator=generator)]
 
 
 def infeasible(plan: Plan, sparsity: float, granularity: str = "unit") -> str | None:
@@ -103,6 +136,7 @@ def compress_levels(
     probe_samples: int = 2,
     probe: str = "held-out",
     shortlist: int = 24,
+    selection_draws: int = 1,
     bypass_target: str = "run",
     granularity: str = "unit",
     contiguous: bool = False,
@@ -125,9 +159,16 @@ def compress_levels(
     `bypass_target="unit"` each bypass to its own unit's output (see `stats.walk`; the selection is
     the same either way). Ablations: `granularity="layer"` removes whole
     layers, `contiguous=True` one contiguous run of units, `bypass=False` deletes the chosen units.
+
+    `selection_draws` K > 1 runs the whole selection and fit K times, each draw scoring and probing
+    on other calibration sequences (`draw_order`), and keeps per level the plan with the least
+    next-token loss on `VALIDATION_SAMPLES` sequences held out from all of them
+    (`validation_split`). At low sparsity the greedy commits few walks, so which sequences it
+    scores on can decide the plan; held-out loss ranks such draws as WikiText-2 does
+    (`bench/results/refit_125_smollm2.md`). It costs K times the selection and fit.
     """
     levels = list(levels)
-    _check_args(levels, step, ridge, score, granularity, probe, bypass_target)
+    _check_args(levels, step, ridge, score, granularity, probe, bypass_target, selection_draws)
     if model is None or isinstance(model, (str, os.PathLike)):
         model, tokenizer, _ = models.load(model)
     decoder = Decoder(model)
@@ -155,32 +196,48 @@ def compress_levels(
         problem = infeasible(empty, sparsity, granularity)
         if problem:
             raise ValueError(problem)
-    scoring_ids, probe_ids = scoring_and_probe_ids(calib_ids, score_samples, probe_samples, probe)
-    selector = _Selector(decoder, groups, sizes, ranks, ridge, SCORES[score], scoring_ids, probe_ids, shortlist,
-                         dict(batch_size=batch_size, device=device, progress=progress), len(levels) > 1)
-    plans = []
-    for sparsity, quota in zip(levels, quotas):
-        if contiguous:
-            removed, basis_stats = selector.window(quota)
-        else:
-            removed, basis_stats = selector.trajectory(quota, int(step * empty.block_params))
-        options = {"name": "subfit", "sparsity": sparsity, "score": score, "granularity": granularity,
-                   "contiguous": contiguous, "bypass": bypass, "step": step,
-                   "score_samples": scoring_ids.shape[0], "probe": probe, "probe_samples": probe_ids.shape[0],
-                   "calibration": calib_info}
-        plan = Plan.empty(decoder, source)
-        if not bypass:
-            for kind, layer in removed:
-                plan.actions(kind)[layer] = "delete"
-        elif removed:
-            errors = _fit_bypasses(plan, decoder, calib_ids, removed, basis_stats, ranks, ridge,
-                                   dict(weighting=SCORES[score].weighting, target=bypass_target,
-                                        batch_size=batch_size, device=device, progress=progress))
-            options.update(attn_rank=ranks["attn"], ffn_rank=ranks["ffn"], ridge=ridge, bypass_target=bypass_target,
-                           bypass_errors=errors)
-        plan.method = options
-        plan.validate()
-        plans.append(plan)
+    fit_ids, validation_ids = validation_split(calib_ids, selection_draws, seed)
+    home = next(model.parameters()).device
+    chosen: list[tuple[float, Plan] | None] = [None] * len(levels)
+    validation_losses: list[list[float]] = [[] for _ in levels]
+    for draw in range(selection_draws):
+        scoring_ids, probe_ids = scoring_and_probe_ids(draw_order(fit_ids, draw, seed), score_samples, probe_samples,
+                                                       probe)
+        selector = _Selector(decoder, groups, sizes, ranks, ridge, SCORES[score], scoring_ids, probe_ids, shortlist,
+                             dict(batch_size=batch_size, device=device, progress=progress), len(levels) > 1)
+        for i, (sparsity, quota) in enumerate(zip(levels, quotas)):
+            if contiguous:
+                removed, basis_stats = selector.window(quota)
+            else:
+                removed, basis_stats = selector.trajectory(quota, int(step * empty.block_params))
+            options = {"name": "subfit", "sparsity": sparsity, "score": score, "granularity": granularity,
+                       "contiguous": contiguous, "bypass": bypass, "step": step,
+                       "score_samples": scoring_ids.shape[0], "probe": probe, "probe_samples": probe_ids.shape[0],
+                       "selection_draws": selection_draws, "calibration": calib_info}
+            plan = Plan.empty(decoder, source)
+            if not bypass:
+                for kind, layer in removed:
+                    plan.actions(kind)[layer] = "delete"
+            elif removed:
+                errors = _fit_bypasses(plan, decoder, fit_ids, removed, basis_stats, ranks, ridge,
+                                       dict(weighting=SCORES[score].weighting, target=bypass_target,
+                                            batch_size=batch_size, device=device, progress=progress))
+                options.update(attn_rank=ranks["attn"], ffn_rank=ranks["ffn"], ridge=ridge,
+                               bypass_target=bypass_target, bypass_errors=errors)
+            plan.method = options
+            plan.validate()
+            loss = 0.0
+            if selection_draws > 1:  # one sequence at a time: a batch's logits outgrow the walks' memory
+                loss = mean_token_loss(ReferenceModel(model, plan, check_base=False), validation_ids.to(home), 1)
+                validation_losses[i].append(loss)
+            if chosen[i] is None or loss < chosen[i][0]:
+                chosen[i] = (loss, plan)
+        del selector  # a walk's statistics are large: one draw's at a time
+    plans = [plan for _, plan in chosen]
+    if selection_draws > 1:
+        for plan, losses in zip(plans, validation_losses):
+            plan.method["selection"] = {"draw": losses.index(min(losses)), "validation_loss": losses,
+                                        "validation_samples": validation_ids.shape[0]}
     return plans
 
 

@@ -42,6 +42,19 @@ def _windows(n_tokens: int, window: int, stride: int):
 
 
 @torch.no_grad()
+def mean_token_loss(logits_fn: LogitsFn, windows: torch.Tensor, batch_size: int = 4) -> float:
+    """Mean next-token cross-entropy (nats) over equal-length token windows [N, L]: the loss of a
+    model on held-out calibration windows, where the perplexity recipe's single stream does not apply."""
+    if windows.ndim != 2 or windows.shape[1] < 2:
+        raise ValueError(f"windows must be [N, L] token ids with L >= 2, got shape {tuple(windows.shape)}.")
+    total = 0.0
+    for batch in windows.split(batch_size):
+        logits = logits_fn(batch)[:, :-1].float()
+        total += float(F.cross_entropy(logits.reshape(-1, logits.shape[-1]), batch[:, 1:].reshape(-1), reduction="sum"))
+    return total / (windows.shape[0] * (windows.shape[1] - 1))
+
+
+@torch.no_grad()
 def perplexity(
     logits_fn: LogitsFn,
     ids: torch.Tensor,

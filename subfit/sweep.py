@@ -94,20 +94,24 @@ class SweepConfig:
         """What a SubFit variant's plans depend on besides the data: compress_levels()'s defaults
         with the variant's options and the sweep's `subfit` options on top (the calibration
         arguments are the sweep's own, and the batch size changes no result)."""
-        import inspect
-
-        from subfit.compression import compress_levels
-
-        defaults = {name: p.default for name, p in inspect.signature(compress_levels).parameters.items()
-                    if name not in ("progress", "device", "tokenizer", "calib", "model", "levels", "calib_samples",
-                                    "calib_len", "seed", "batch_size")
-                    and isinstance(p.default, (int, float, str, bool))}
-        return json.loads(json.dumps({**defaults, **options, **self.subfit}))
+        return json.loads(json.dumps({**_compress_defaults(), **options, **self.subfit}))
 
     def eval_key(self) -> dict:
         files = [self.ppl, *self.tasks]
         return {"ppl": self.ppl, "window": self.window, "max_tokens": self.max_tokens, "tasks": list(self.tasks),
                 "limit": self.limit, "agreement": self.agreement, "files": {str(f): _file_id(f) for f in files if f}}
+
+
+def _compress_defaults() -> dict:
+    """compress_levels()'s result-changing options at their defaults."""
+    import inspect
+
+    from subfit.compression import compress_levels
+
+    return {name: p.default for name, p in inspect.signature(compress_levels).parameters.items()
+            if name not in ("progress", "device", "tokenizer", "calib", "model", "levels", "calib_samples",
+                            "calib_len", "seed", "batch_size")
+            and isinstance(p.default, (int, float, str, bool))}
 
 
 def _file_id(path: str | os.PathLike) -> str:
@@ -379,7 +383,11 @@ def run_sweep(config: SweepConfig) -> dict:
 def _current(plan, name: str, config: SweepConfig) -> bool:
     """A cached plan is reused unless it is SubFit's and was made with other settings."""
     method, options = VARIANTS[name]
-    if method == "subfit" and plan.method.get("sweep_settings") != config.subfit_settings(options):
+    if method != "subfit":
+        return True
+    # An option compress gained after the plan was made counts at its default: the plan was made with it.
+    made_with = plan.method.get("sweep_settings")
+    if made_with is None or {**_compress_defaults(), **made_with} != config.subfit_settings(options):
         _log(f"{name}: cached plan made with other SubFit settings; making it again")
         return False
     return True
@@ -791,6 +799,7 @@ def add_commands(sub) -> None:
     p.add_argument("--step", type=float, default=None, help="SubFit sparsity per scoring walk (compress default)")
     p.add_argument("--score-samples", type=int, default=None, help="SubFit scoring sequences (compress default)")
     p.add_argument("--score", default=None, help="SubFit score (compress default)")
+    p.add_argument("--selection-draws", type=int, default=None, help="SubFit selection draws (compress default)")
     p.add_argument("--ridge", type=float, default=None, help="ReplaceMe ridge (default 1e-4, relative)")
     p.add_argument("--map-levels", type=float, nargs="+", default=[0.25],
                    help="levels of the per-layer map plots (default 0.25): PREFIX_layers.png, PREFIX_layers_<level>.png")
@@ -805,7 +814,7 @@ def add_commands(sub) -> None:
 
 def config_from_args(args) -> SweepConfig:
     subfit = {k: v for k, v in (("step", args.step), ("score_samples", args.score_samples),
-                                ("score", args.score)) if v is not None}
+                                ("score", args.score), ("selection_draws", args.selection_draws)) if v is not None}
     return SweepConfig(
         model=args.model, calib=args.calib, out=args.out, cache=args.cache, ppl=args.ppl, tasks=list(args.tasks),
         calib_samples=args.calib_samples, calib_len=args.calib_len, seed=args.seed, levels=list(args.levels),

@@ -183,5 +183,5 @@ def test_cli_method_flag(stories_dir, tinystories_file, tmp_path):
     plan = Plan.load(out)
     assert plan.method["granularity"] == "layer"
     assert all((a == "keep") == (f == "keep") for a, f in zip(plan.attn, plan.ffn))
-    with pytest.raises(SystemExit, match="SubFit ablations"):
+    with pytest.raises(SystemExit, match="are SubFit options; they do not apply to --method uidl"):
         main(["compress", *common, "--method", "uidl", "--contiguous", "--out", str(tmp_path / "x")])

@@ -41,6 +41,8 @@ def test_compress_then_eval(stories_dir, small_text, tmp_path, capsys):
     (["compress", "--sparsity", "0.9", "--out", "p"], "between 0 and 0.75, e.g. 0.25, got 0.9"),
     (["compress", "--sparsity", "0.25", "--calib", "x.txt", "--out", "p"], "x.txt does not exist"),
     (["compress", "--sparsity", "0.25", "--bypass-target", "block", "--out", "p"], "invalid choice: 'block'"),
+    (["compress", "--method", "shortgpt", "--sparsity", "0.25", "--selection-draws", "3", "--out", "p"],
+     "do not apply to --method shortgpt"),
     (["eval", "somewhere", "--ppl", "missing.txt"], "missing.txt does not exist"),
     (["eval", "somewhere"], "nothing to evaluate"),
 ])

@@ -1,5 +1,6 @@
 """compress(): the budget holds, the same seed gives the same plan, a planted linear unit is
-found and fitted exactly, and bad requests are refused with a clear message."""
+found and fitted exactly, several selection draws keep the one best on held-out sequences, and bad
+requests are refused with a clear message."""
 import subprocess
 import sys
 
@@ -9,7 +10,9 @@ import torch
 from subfit import models
 from subfit.calibration import CalibrationError
 from subfit import compression as compress_module
-from subfit.compression import compress, compress_levels, scoring_and_probe_ids
+from subfit.compression import (VALIDATION_SAMPLES, compress, compress_levels, draw_order, scoring_and_probe_ids,
+                                validation_split)
+from subfit.evaluation import mean_token_loss
 from subfit.reference import ReferenceModel
 
 
@@ -120,6 +123,84 @@ def test_probe_sequences_are_held_out_from_the_scoring_walk(n, held_out_scoring)
     assert probe[:, 0].tolist() == list(range(held_out_scoring, min(n, held_out_scoring + 2)))
     scoring, probe = scoring_and_probe_ids(ids, score_samples=8, probe_samples=2, probe="in-sample")
     assert scoring.shape[0] == min(n, 8) and torch.equal(probe, ids[:2])
+
+
+def test_validation_split_holds_out_a_seeded_subset():
+    ids = torch.arange(40)[:, None].expand(40, 3)
+    fit, held = validation_split(ids, 3, seed=5)
+    assert held.shape[0] == VALIDATION_SAMPLES and fit.shape[0] == 40 - VALIDATION_SAMPLES
+    rows = fit[:, 0].tolist() + held[:, 0].tolist()
+    assert sorted(rows) == list(range(40))  # disjoint, nothing lost
+    assert fit[:, 0].tolist() == sorted(fit[:, 0].tolist())  # the fit keeps file order: draw 0 is compress's own
+    assert held[:, 0].tolist() != list(range(40 - VALIDATION_SAMPLES, 40))  # not just the end of the file
+    assert torch.equal(validation_split(ids, 3, seed=5)[1], held) and not torch.equal(validation_split(ids, 3, 6)[1], held)
+    one, none = validation_split(ids, 1, seed=5)
+    assert one is ids and none.shape[0] == 0  # one draw: no choice to make, every sequence fits
+    assert torch.equal(draw_order(fit, 0, 5), fit) and not torch.equal(draw_order(fit, 1, 5), fit)
+    assert sorted(draw_order(fit, 2, 5)[:, 0].tolist()) == sorted(fit[:, 0].tolist())
+    with pytest.raises(ValueError, match=f"holds out {VALIDATION_SAMPLES} calibration sequences .* there are 17"):
+        validation_split(ids[:17], 2, seed=0)
+
+
+@pytest.fixture(scope="module")
+def draw_ids(stories, tinystories_file):
+    from subfit.calibration import from_text_file
+
+    return from_text_file(stories[1], tinystories_file, VALIDATION_SAMPLES + 12, 96, seed=0)
+
+
+def test_selection_draws_keep_the_plan_with_least_held_out_loss(stories, draw_ids, monkeypatch):
+    """Each draw scores on other sequences; none of them, no fit and no probe ever sees the
+    held-out ones; the plan kept per level is the draw with the least held-out loss, and draw 0 is
+    exactly compress's single selection on the fit sequences."""
+    model = stories[0]
+    seen, probed, scored = [], [], []
+
+    def walk_spy(decoder, ids, **kwargs):
+        seen.append(ids)
+        return real_walk(decoder, ids, **kwargs)
+
+    def probe_spy(decoder, probe_ids, *args, **kwargs):
+        probed.append(probe_ids)
+        return real_effects(decoder, probe_ids, *args, **kwargs)
+
+    def loss_spy(logits_fn, windows, batch_size=4):
+        scored.append(logits_fn.plan)
+        return mean_token_loss(logits_fn, windows, batch_size)
+
+    real_walk, real_effects = compress_module.walk, compress_module.output_effects
+    monkeypatch.setattr(compress_module, "walk", walk_spy)
+    monkeypatch.setattr(compress_module, "output_effects", probe_spy)
+    monkeypatch.setattr(compress_module, "mean_token_loss", loss_spy)
+    options = dict(step=0.125, score_samples=6, seed=3, progress=False)
+    levels = [0.25, 0.125]
+    plans = compress_levels(model, levels, draw_ids, selection_draws=3, **options)
+    fit, held = validation_split(draw_ids, 3, seed=3)
+    held_rows = {tuple(row) for row in held.tolist()}
+    assert all(not held_rows & {tuple(row) for row in ids.tolist()} for ids in seen + probed)
+    assert len({tuple(map(tuple, p.tolist())) for p in probed}) == 3  # one probe per draw, all different
+    assert len(scored) == 3 * len(levels)
+    for i, plan in enumerate(plans):
+        losses = plan.method["selection"]["validation_loss"]
+        best = plan.method["selection"]["draw"]
+        assert len(losses) == 3 and losses[best] == min(losses) and plan.method["selection_draws"] == 3
+        assert plan.removed_units() == scored[best * len(levels) + i].removed_units()
+        assert mean_token_loss(ReferenceModel(model, plan), held) == pytest.approx(losses[best], rel=1e-6)
+        assert plan.accounting()["sparsity"] <= levels[i] + 1e-12
+    monkeypatch.undo()
+    again = compress_levels(model, levels, draw_ids, selection_draws=3, **options)
+    assert [p.method["selection"] for p in again] == [p.method["selection"] for p in plans]
+    assert all(torch.equal(a.tensors[k], b.tensors[k]) for a, b in zip(again, plans) for k in a.tensors)
+    first = compress_levels(model, levels, fit, **options)
+    for draw0, made in zip(first, scored[:len(levels)]):
+        assert made.removed_units() == draw0.removed_units()
+        assert all(torch.equal(made.tensors[k], draw0.tensors[k]) for k in draw0.tensors)
+
+
+@pytest.mark.parametrize("draws", [0, -1, 1.5, True])
+def test_selection_draws_must_be_a_count(stories, calib_ids, draws):
+    with pytest.raises(ValueError, match="selection_draws=.* must be a whole number"):
+        compress(stories[0], 0.25, calib_ids, selection_draws=draws, progress=False)
 
 
 def test_output_kl_is_probed_on_sequences_the_scoring_walk_did_not_fit(stories, calib_ids, monkeypatch):

@@ -118,6 +118,13 @@ def test_sweep_outputs_cache_and_resume(stories_dir, files, tmp_path):
     assert set(changed["computed_this_run"]["plans"]) == {
         f"{m}@{lv:g}" for m in ("subfit", "subfit-delete") for lv in LEVELS} | {"subfit-layer@0.25"}
     assert Plan.load(cache / "plans" / "subfit@0.25").method["sweep_settings"]["step"] == 0.375
+    # A plan made before compress gained an option was made with its default: still current.
+    made = cache / "plans" / "subfit@0.25" / "plan.json"
+    record = json.loads(made.read_text())
+    del record["method"]["sweep_settings"]["selection_draws"]
+    made.write_text(json.dumps(record))
+    same = run_sweep(config(stories_dir, files, tmp_path, subfit={"step": 0.375, "score_samples": 8}))
+    assert same["computed_this_run"]["plans"] == []
 
     # Other calibration settings never mix with this cache.
     with pytest.raises(ValueError, match="other settings"):

@@ -22,7 +22,6 @@ import sys
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -68,16 +67,6 @@ def detok_windows(tokenizer, path: str, cache: Path, window: int, n: int) -> tor
     return ids.view(n, window)
 
 
-@torch.no_grad()
-def mean_loss(logits_fn, ids: torch.Tensor, batch: int = 4) -> float:
-    total = 0.0
-    for first in range(0, ids.shape[0], batch):
-        x = ids[first:first + batch]
-        logits = logits_fn(x)[:, :-1].float()
-        total += float(F.cross_entropy(logits.reshape(-1, logits.shape[-1]), x[:, 1:].reshape(-1), reduction="sum"))
-    return total / (ids.shape[0] * (ids.shape[1] - 1))
-
-
 def main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("preset", choices=["stories260k", "smollm2"])
@@ -87,6 +76,7 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--methods", nargs="+", default=None, help="only these methods (default: every row)")
     args = parser.parse_args(argv)
     from subfit import models
+    from subfit.evaluation import mean_token_loss
     from subfit.plan import Plan
     from subfit.reference import ReferenceModel
     from subfit.sweep import level_tag, plan_digest
@@ -117,7 +107,7 @@ def main(argv: list[str]) -> int:
     def loss(plan) -> float:
         key = "dense" if plan is None else plan_digest(plan)
         if key not in memo:
-            memo[key] = mean_loss(ReferenceModel(model, plan), ids)
+            memo[key] = mean_token_loss(ReferenceModel(model, plan), ids)
             memo_file.write_text(json.dumps(memo, indent=1))
         return memo[key]
 

@@ -27,7 +27,7 @@ import torch
 
 from subfit import calibration, models
 from subfit.compression import _as_bypass, _fit_bypasses, default_ranks
-from subfit.evaluation import perplexity, text_tokens
+from subfit.evaluation import mean_token_loss, perplexity, text_tokens
 from subfit.fitting import reduced_rank_fit
 from subfit.models import Decoder
 from subfit.plan import Plan, PlanError
@@ -91,10 +91,10 @@ def main(argv: list[str]) -> int:
     ranks = {"attn": args.attn_rank or attn_rank, "ffn": args.ffn_rank or ffn_rank}
     dense = perplexity(ReferenceModel(model, None), evaluated, window=1024, progress=False)["ppl"]
     if args.heldout:
-        from heldout_loss import heldout_windows, mean_loss
+        from heldout_loss import heldout_windows
 
         heldout = heldout_windows(tokenizer, str(CALIB), 128, 512, 0, args.heldout)
-        dense_loss = mean_loss(ReferenceModel(model, None), heldout)
+        dense_loss = mean_token_loss(ReferenceModel(model, None), heldout)
     for name, plan in plans.items():
         if plan is None:
             removed = parse_units(parser, name, decoder.num_layers)
@@ -111,7 +111,7 @@ def main(argv: list[str]) -> int:
         ratio = perplexity(ReferenceModel(model, plan), evaluated, window=1024, progress=False)["ppl"] / dense
         form = (f"attn rank {ranks['attn']}, ffn rank {ranks['ffn']}, ridge {args.ridge:g}, {args.weighting}, "
                 f"{args.target} target")
-        held = (f", held-out calibration {math.exp(mean_loss(ReferenceModel(model, plan), heldout) - dense_loss):.3f}x"
+        held = (f", held-out calibration {math.exp(mean_token_loss(ReferenceModel(model, plan), heldout) - dense_loss):.3f}x"
                 if args.heldout else "")
         print(f"{name} refit on {args.fit_on} x {args.samples} ({form}): {ratio:.3f}x dense{held} "
               f"({time.time() - start:.0f} s)", flush=True)
