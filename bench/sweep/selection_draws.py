@@ -7,7 +7,7 @@ the draw that is best on WikiText-2, and does it beat ReplaceMe-LS at the same l
 one place compress sees each draw's finished plan, so the script wraps it). It prints and writes
 (`--out`, JSON) each draw's units, held-out loss, WikiText-2 ratio (window 1024, first 16,384 tokens)
 and loss ratio on the 16 calibration windows after the drawn ones; then ReplaceMe-LS at the same
-level on the same calibration. One thread; about 55 min for three draws at 272/64 on this CPU.
+level on the same calibration. One thread; about 55-68 min for three draws at 272/64 on this CPU.
 """
 from __future__ import annotations
 
