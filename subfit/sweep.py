@@ -65,7 +65,7 @@ class SweepConfig:
     cache: str  # cache folder (plans, statistics, evaluations)
     ppl: str | None = None  # text file for perplexity
     tasks: list[str] = field(default_factory=list)  # task files (.jsonl, subfit.evaluate formats)
-    calib_samples: int = 128
+    calib_samples: int = 272  # compression.CALIB_SAMPLES (a test holds them together)
     calib_len: int = 512
     seed: int = 0
     levels: list[float] = field(default_factory=lambda: list(LEVELS))
@@ -100,6 +100,11 @@ class SweepConfig:
         files = [self.ppl, *self.tasks]
         return {"ppl": self.ppl, "window": self.window, "max_tokens": self.max_tokens, "tasks": list(self.tasks),
                 "limit": self.limit, "agreement": self.agreement, "files": {str(f): _file_id(f) for f in files if f}}
+
+
+# compress_levels() options added after sweeps had cached plans, at the value that reproduces the
+# plans made before them.
+OPTIONS_BEFORE_ADDED = {"selection_draws": 1}
 
 
 def _compress_defaults() -> dict:
@@ -385,9 +390,11 @@ def _current(plan, name: str, config: SweepConfig) -> bool:
     method, options = VARIANTS[name]
     if method != "subfit":
         return True
-    # An option compress gained after the plan was made counts at its default: the plan was made with it.
+    # An option compress gained after the plan was made counts at the value that does what compress
+    # did before it (its default then, which may no longer be the default).
     made_with = plan.method.get("sweep_settings")
-    if made_with is None or {**_compress_defaults(), **made_with} != config.subfit_settings(options):
+    if made_with is None or {**_compress_defaults(), **OPTIONS_BEFORE_ADDED, **made_with} \
+            != config.subfit_settings(options):
         _log(f"{name}: cached plan made with other SubFit settings; making it again")
         return False
     return True
@@ -783,7 +790,8 @@ def add_commands(sub) -> None:
                        epilog=SWEEP_EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("model", nargs="?", default=None, help="Hugging Face id, folder or .gguf (default: embedded SmolLM2)")
     p.add_argument("--calib", required=True, help="calibration text file (or hf:ID[:CONFIG[:SPLIT]])")
-    p.add_argument("--calib-samples", type=int, default=128, help="calibration sequences (default 128)")
+    p.add_argument("--calib-samples", type=int, default=SweepConfig.calib_samples,
+                   help=f"calibration sequences (default {SweepConfig.calib_samples}, as compress)")
     p.add_argument("--calib-len", type=int, default=512, help="tokens per calibration sequence (default 512)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--ppl", default=None, help="text file for perplexity (e.g. wiki.test.raw)")

@@ -179,7 +179,8 @@ def test_cli_method_flag(stories_dir, tinystories_file, tmp_path):
         assert plan.method["name"] == method and plan.method["calibration"]["samples"] == 8
         assert plan.accounting()["removed_attn"] == 1
     out = tmp_path / "layer"
-    assert main(["compress", *common, "--granularity", "layer", "--step", "0.75", "--out", str(out)]) == 0
+    assert main(["compress", *common, "--granularity", "layer", "--step", "0.75", "--selection-draws", "1",
+                 "--out", str(out)]) == 0
     plan = Plan.load(out)
     assert plan.method["granularity"] == "layer"
     assert all((a == "keep") == (f == "keep") for a, f in zip(plan.attn, plan.ffn))

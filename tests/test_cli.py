@@ -1,5 +1,6 @@
 """The CLI end to end on stories260K: compress, eval (table + JSON), help and bad input."""
 import json
+import re
 
 import pytest
 
@@ -16,7 +17,8 @@ def small_text(tinystories_file, tmp_path):
 def test_compress_then_eval(stories_dir, small_text, tmp_path, capsys):
     out = tmp_path / "plan"
     assert main(["compress", str(stories_dir), "--sparsity", "0.25", "--calib", str(small_text),
-                 "--calib-samples", "8", "--calib-len", "64", "--bypass-target", "run", "--out", str(out)]) == 0
+                 "--calib-samples", "8", "--calib-len", "64", "--selection-draws", "1", "--bypass-target", "run",
+                 "--out", str(out)]) == 0
     assert (out / "plan.json").exists() and (out / "bypass.safetensors").exists()
     assert json.loads((out / "plan.json").read_text())["method"]["bypass_target"] == "run"
     assert "sparsity" in capsys.readouterr().err
@@ -37,6 +39,17 @@ def test_compress_then_eval(stories_dir, small_text, tmp_path, capsys):
         main(["compress", str(stories_dir), "--sparsity", "0.25", "--calib", str(small_text), "--out", str(out)])
 
 
+def test_default_draws_need_calibration_to_hold_out(stories_dir, small_text, tmp_path, capsys):
+    """The default three selection draws hold out 16 sequences: too few are refused, with both fixes."""
+    out = tmp_path / "plan"
+    argv = ["compress", str(stories_dir), "--sparsity", "0.25", "--calib", str(small_text), "--calib-samples", "8",
+            "--calib-len", "64", "--out", str(out)]
+    assert main(argv) == 2
+    assert re.search(r"selection_draws=3 holds out 16 .* but there are 8\..*--calib-samples.*--selection-draws 1",
+                     " ".join(capsys.readouterr().err.split()))
+    assert not out.exists()
+
+
 @pytest.mark.parametrize("argv,message", [
     (["compress", "--sparsity", "0.9", "--out", "p"], "between 0 and 0.75, e.g. 0.25, got 0.9"),
     (["compress", "--sparsity", "0.25", "--calib", "x.txt", "--out", "p"], "x.txt does not exist"),
@@ -55,7 +68,7 @@ def test_bad_input_is_explained(argv, message, stories_dir, capsys):
     else:
         text = capsys.readouterr().err
     assert code not in (0, None)
-    assert __import__("re").search(message, text + capsys.readouterr().err)
+    assert re.search(message, text + capsys.readouterr().err)
 
 
 @pytest.mark.parametrize("command", ["compress", "eval"])

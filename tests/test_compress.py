@@ -43,7 +43,7 @@ def calib_ids(stories, tinystories_file):
 @pytest.mark.parametrize("sparsity", [0.125, 0.1875, 0.25, 0.3125, 0.375])
 def test_budget_is_respected_at_every_level(stories, calib_ids, sparsity):
     model = stories[0]
-    plan = compress(model, sparsity, calib_ids, step=0.1875, score_samples=8, progress=False)
+    plan = compress(model, sparsity, calib_ids, step=0.1875, score_samples=8, selection_draws=1, progress=False)
     acc = plan.accounting()
     attn_fraction = plan.unit_params["attn"] / plan.block_params
     assert acc["sparsity"] <= sparsity + 1e-12
@@ -58,7 +58,7 @@ def test_same_seed_same_plan(stories, tinystories_file, tmp_path):
     text = tmp_path / "stories.txt"
     text.write_text(tinystories_file.read_text()[:60_000])
     a, b = (compress(model, 0.25, text, tokenizer=tokenizer, calib_samples=12, calib_len=96, seed=7,
-                     progress=False) for _ in range(2))
+                     selection_draws=1, progress=False) for _ in range(2))
     assert a.attn == b.attn and a.ffn == b.ffn and set(a.tensors) == set(b.tensors)
     assert all(torch.equal(a.tensors[k], b.tensors[k]) for k in a.tensors)
 
@@ -78,7 +78,7 @@ def test_planted_linear_feedforward_is_chosen_and_fitted_exactly(stories_dir, ca
         mlp.up_proj.weight.copy_(torch.randn(mlp.up_proj.weight.shape[0], 16, generator=g)
                                  @ torch.randn(16, mlp.up_proj.weight.shape[1], generator=g) * 0.1)
     mlp.act_fn = Ones()  # y = down(up(x)): linear, rank 16
-    plan = compress(model, 0.15, calib_ids, ridge=1e-9, progress=False)
+    plan = compress(model, 0.15, calib_ids, ridge=1e-9, selection_draws=1, progress=False)
     assert plan.removed_units() == ["ffn.2"]
     assert plan.method["bypass_errors"]["ffn.2"] < 1e-6
     ids = calib_ids[:2, :64]
@@ -87,7 +87,7 @@ def test_planted_linear_feedforward_is_chosen_and_fitted_exactly(stories_dir, ca
 
 
 def test_selection_is_submodule_level_and_non_contiguous(stories, calib_ids):
-    plan = compress(stories[0], 0.375, calib_ids, step=0.1875, score_samples=8, progress=False)
+    plan = compress(stories[0], 0.375, calib_ids, step=0.1875, score_samples=8, selection_draws=1, progress=False)
     removed = plan.removed_units()
     assert removed, "nothing removed"
     # Units are chosen one submodule at a time: never forced to take a whole layer.
@@ -98,16 +98,16 @@ def test_levels_are_each_what_compress_makes(stories, calib_ids):
     """compress_levels shares the first scoring walk only: each plan is exactly compress()'s."""
     model = stories[0]
     levels = [0.3125, 0.125]
-    for level, plan in zip(levels, compress_levels(model, levels, calib_ids, step=0.125, score_samples=8,
-                                                   progress=False)):
-        alone = compress(model, level, calib_ids, step=0.125, score_samples=8, progress=False)
+    options = dict(step=0.125, score_samples=8, selection_draws=1, progress=False)
+    for level, plan in zip(levels, compress_levels(model, levels, calib_ids, **options)):
+        alone = compress(model, level, calib_ids, **options)
         assert plan.method["sparsity"] == level and plan.accounting()["sparsity"] <= level + 1e-12
         assert plan.removed_units() == alone.removed_units() and set(plan.tensors) == set(alone.tensors)
         assert all(torch.equal(alone.tensors[k], plan.tensors[k]) for k in alone.tensors)
 
 
 def test_deletion_ablation_is_the_same_selection_without_bypasses(stories, calib_ids):
-    plan = compress(stories[0], 0.25, calib_ids, step=0.25, score_samples=8, progress=False)
+    plan = compress(stories[0], 0.25, calib_ids, step=0.25, score_samples=8, selection_draws=1, progress=False)
     deleted = plan.without_bypasses()
     assert deleted.removed_units() == plan.removed_units() and not deleted.tensors
     assert set(deleted.attn + deleted.ffn) <= {"keep", "delete"} and deleted.method["bypass"] is False
@@ -191,7 +191,7 @@ def test_selection_draws_keep_the_plan_with_least_held_out_loss(stories, draw_id
     again = compress_levels(model, levels, draw_ids, selection_draws=3, **options)
     assert [p.method["selection"] for p in again] == [p.method["selection"] for p in plans]
     assert all(torch.equal(a.tensors[k], b.tensors[k]) for a, b in zip(again, plans) for k in a.tensors)
-    first = compress_levels(model, levels, fit, **options)
+    first = compress_levels(model, levels, fit, selection_draws=1, **options)
     for draw0, made in zip(first, scored[:len(levels)]):
         assert made.removed_units() == draw0.removed_units()
         assert all(torch.equal(made.tensors[k], draw0.tensors[k]) for k in draw0.tensors)
@@ -212,7 +212,7 @@ def test_output_kl_is_probed_on_sequences_the_scoring_walk_did_not_fit(stories, 
 
     real = compress_module.output_effects
     monkeypatch.setattr(compress_module, "output_effects", recording)
-    plan = compress(stories[0], 0.25, calib_ids, step=0.25, score_samples=8, progress=False)
+    plan = compress(stories[0], 0.25, calib_ids, step=0.25, score_samples=8, selection_draws=1, progress=False)
     assert probed and all(torch.equal(ids, calib_ids[8:10]) for ids in probed)
     assert plan.method["probe"] == "held-out" and plan.method["probe_samples"] == 2
     with pytest.raises(ValueError, match="Unknown probe"):
@@ -223,7 +223,7 @@ def test_run_target_refits_the_same_selection(stories, calib_ids):
     """`bypass_target` changes the final fit only: the same units go, the first bypass (nothing
     before it to correct) is the same map, and the second of two adjacent bypasses is not. The run
     target is the default."""
-    options = dict(step=0.25, score_samples=8, progress=False)
+    options = dict(step=0.25, score_samples=8, selection_draws=1, progress=False)
     run = compress(stories[0], 0.5, calib_ids, **options)
     unit = compress(stories[0], 0.5, calib_ids, bypass_target="unit", **options)
     assert run.removed_units() == unit.removed_units() and run.method["bypass_target"] == "run"
@@ -270,7 +270,7 @@ def test_unsupported_architecture_is_refused(tmp_path):
 def test_every_family_compresses(family, family_model_dir):
     model, _, _ = models.load(family_model_dir(family))
     ids = torch.randint(0, 512, (8, 48), generator=torch.Generator().manual_seed(0))
-    plan = compress(model, 0.25, ids, step=0.1875, progress=False)
+    plan = compress(model, 0.25, ids, step=0.1875, selection_draws=1, progress=False)
     assert plan.removed_units()
     logits = ReferenceModel(model, plan)(ids[:1])
     assert torch.isfinite(logits).all()

@@ -38,7 +38,7 @@ def config(stories_dir, files, tmp_path, **changes):
     base = dict(model=str(stories_dir), calib=str(calib), out=str(tmp_path / "results" / "sweep"),
                 cache=str(tmp_path / "cache"), ppl=str(heldout), tasks=tasks, calib_samples=16, calib_len=64,
                 levels=LEVELS, methods=METHODS, window=256, max_tokens=2048, limit=None, agreement=True,
-                subfit={"step": 0.75, "score_samples": 8}, map_levels=[0.25, 0.125])
+                subfit={"step": 0.75, "score_samples": 8, "selection_draws": 1}, map_levels=[0.25, 0.125])
     return SweepConfig(**{**base, **changes})
 
 
@@ -113,17 +113,18 @@ def test_sweep_outputs_cache_and_resume(stories_dir, files, tmp_path):
     assert [p for p, t in stamps.items() if p not in redone and p.stat().st_mtime_ns != t] == []
 
     # Other SubFit settings make the SubFit rows again and reuse every baseline.
-    changed = run_sweep(config(stories_dir, files, tmp_path, subfit={"step": 0.375, "score_samples": 8}))
+    restep = {"step": 0.375, "score_samples": 8, "selection_draws": 1}
+    changed = run_sweep(config(stories_dir, files, tmp_path, subfit=restep))
     assert changed["computed_this_run"]["walks"] == []
     assert set(changed["computed_this_run"]["plans"]) == {
         f"{m}@{lv:g}" for m in ("subfit", "subfit-delete") for lv in LEVELS} | {"subfit-layer@0.25"}
     assert Plan.load(cache / "plans" / "subfit@0.25").method["sweep_settings"]["step"] == 0.375
-    # A plan made before compress gained an option was made with its default: still current.
+    # A plan made before compress gained selection draws was made with one draw: still current.
     made = cache / "plans" / "subfit@0.25" / "plan.json"
     record = json.loads(made.read_text())
     del record["method"]["sweep_settings"]["selection_draws"]
     made.write_text(json.dumps(record))
-    same = run_sweep(config(stories_dir, files, tmp_path, subfit={"step": 0.375, "score_samples": 8}))
+    same = run_sweep(config(stories_dir, files, tmp_path, subfit=restep))
     assert same["computed_this_run"]["plans"] == []
 
     # Other calibration settings never mix with this cache.
@@ -158,3 +159,10 @@ def test_retention_is_read_with_and_without_the_secondary_tasks(stories):
     row = _row_metrics(plan, report, dense, "acc")
     assert row["core_retention"] == pytest.approx(75.0)
     assert row["mean_retention"] == pytest.approx(250.0 / 3)
+
+
+def test_sweep_calibrates_as_compress_does():
+    """The sweep's default calibration size is compress's, which its three selection draws assume."""
+    from subfit.compression import CALIB_SAMPLES
+
+    assert SweepConfig.calib_samples == CALIB_SAMPLES

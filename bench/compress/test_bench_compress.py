@@ -1,4 +1,7 @@
-"""Compression cost on this machine: SmolLM2-135M at 25% with 128 x 512 calibration tokens.
+"""Compression cost on this machine: SmolLM2-135M at 25% with 128 x 512 calibration tokens and
+one selection draw on 32 scoring sequences (the default until session 17, kept so the committed
+numbers stay comparable; the default, three draws on 272 sequences with 64 scored, took 5.5-7x as
+long at 12.5%, bench/results/refit_125_smollm2.md).
 
 Run: `pytest bench/compress --benchmark-only -s`. The job runs in a child process so its peak
 resident memory (loading, calibration, every walk) is measured alone; the table goes to
@@ -25,7 +28,8 @@ from subfit.compression import compress
 start = time.perf_counter()
 model, tokenizer, _ = models.load(None)
 loaded = time.perf_counter()
-plan = compress(model, 0.25, sys.argv[1], tokenizer=tokenizer, calib_samples=128, calib_len=512, progress=False)
+plan = compress(model, 0.25, sys.argv[1], tokenizer=tokenizer, calib_samples=128, calib_len=512,
+                score_samples=32, selection_draws=1, progress=False)
 done = time.perf_counter()
 print(json.dumps({"load_s": loaded - start, "compress_s": done - loaded, "total_s": done - start,
                   "peak_rss_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6,

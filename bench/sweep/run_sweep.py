@@ -11,6 +11,10 @@ smollm2: the reference protocol: SmolLM2-135M-Instruct (embedded GGUF), calibrat
     wiki_passages.txt 128 x 512, WikiText-2 test window 1024 on the first 16,384 tokens, first 300
     examples of each task (dense perplexity about 22.55). The committed results were run with
     `--limit 100` (later flags win) to fit CPU time: 100 examples per task, every method.
+
+Both presets pin SubFit's selection as the committed sweeps made it (one draw, 32 scoring
+sequences), which predates compress's default of three draws on 272 sequences with 64 scored;
+`--calib-samples 272 --score-samples 64 --selection-draws 3` runs the current default.
 """
 from __future__ import annotations
 
@@ -24,6 +28,7 @@ ASSETS = Path(os.environ.get("SUBFIT_ASSETS", ROOT.parent / "shared" / "assets")
 DATA = ASSETS / "data"
 TASK_FILES = [str(DATA / "mc_eval" / f"{t}.jsonl") for t in
               ("piqa", "arc_easy", "arc_challenge", "winogrande", "lambada_openai")]
+PINNED_SELECTION = ["--score-samples", "32", "--selection-draws", "1"]
 
 
 def split_halves(source: Path, folder: Path) -> tuple[Path, Path]:
@@ -44,13 +49,13 @@ def preset(name: str) -> list[str]:
     if name == "stories260k":
         calib, heldout = split_halves(DATA / "tinystories" / "tinystories_validation_head.txt", cache / "data")
         return [str(ASSETS / "models" / "stories260K"), "--calib", str(calib), "--calib-samples", "128",
-                "--calib-len", "256", "--ppl", str(heldout), "--window", "512", "--max-tokens", "32768",
+                "--calib-len", "256", *PINNED_SELECTION, "--ppl", str(heldout), "--window", "512", "--max-tokens", "32768",
                 "--tasks", *TASK_FILES, "--limit", "300", "--agreement", "--map-levels", "0.25", "0.375",
                 "--title", "SubFit quality sweep: stories260K (TinyStories held-out half; MC tasks near chance)",
                 "--cache", str(cache), "--out", str(out)]
     if name == "smollm2":
         return ["--calib", str(DATA / "calib" / "wiki_passages.txt"), "--calib-samples", "128", "--calib-len", "512",
-                "--ppl", str(DATA / "wikitext-2-raw" / "wiki.test.raw"), "--window", "1024", "--max-tokens", "16384",
+                *PINNED_SELECTION, "--ppl", str(DATA / "wikitext-2-raw" / "wiki.test.raw"), "--window", "1024", "--max-tokens", "16384",
                 "--tasks", *TASK_FILES, "--limit", "300",
                 "--title", "SubFit quality sweep: SmolLM2-135M-Instruct (WikiText-2 and five zero-shot tasks)",
                 "--cache", str(cache), "--out", str(out)]
