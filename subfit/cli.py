@@ -16,6 +16,8 @@ console = Console(stderr=True)
 
 COMPRESS_EXAMPLES = """examples:
   subfit compress --sparsity 0.25 --out plans/smollm2-25          # default model, self-generated calibration
+  subfit compress --sparsity 0.25 --calib-samples 128 --score-samples 32 --selection-draws 1 --out plans/quick
+                                                                  # a quick first plan on a CPU (one draw)
   subfit compress HuggingFaceTB/SmolLM2-135M --sparsity 0.25 --calib wiki.txt --out plans/s25
   subfit compress ./my-llama --sparsity 0.375 --calib hf:wikitext:wikitext-2-raw-v1:train --out plans/l375
   subfit compress HuggingFaceTB/SmolLM2-135M --method shortgpt --sparsity 0.25 --calib wiki.txt --out plans/sg25
