@@ -108,7 +108,8 @@ def run_compress(args) -> int:
                         bypass=not args.no_bypass, device=args.device,
                         **{name: value for name, value in (("step", args.step), ("score_samples", args.score_samples),
                                                            ("selection_draws", args.selection_draws),
-                                                           ("bypass_target", args.bypass_target)) if value})
+                                                           ("bypass_target", args.bypass_target))
+                           if value is not None})
     else:
         from subfit import calibration
         from subfit.baselines import compress_baseline

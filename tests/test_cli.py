@@ -56,11 +56,13 @@ def test_default_draws_need_calibration_to_hold_out(stories_dir, small_text, tmp
     (["compress", "--sparsity", "0.25", "--bypass-target", "block", "--out", "p"], "invalid choice: 'block'"),
     (["compress", "--method", "shortgpt", "--sparsity", "0.25", "--selection-draws", "3", "--out", "p"],
      "do not apply to --method shortgpt"),
+    (["compress", "somewhere", "--sparsity", "0.25", "--step", "0", "--out", "p"], r"step=0.0 must be in \(0, 0.75\]"),
     (["eval", "somewhere", "--ppl", "missing.txt"], "missing.txt does not exist"),
     (["eval", "somewhere"], "nothing to evaluate"),
 ])
-def test_bad_input_is_explained(argv, message, stories_dir, capsys):
-    argv = [a if a != "somewhere" else str(stories_dir) for a in argv]
+def test_bad_input_is_explained(argv, message, stories_dir, tmp_path, capsys):
+    places = {"somewhere": str(stories_dir), "p": str(tmp_path / "p")}  # a refused run must not write a plan here
+    argv = [places.get(a, a) for a in argv]
     try:
         code = main(argv)
     except SystemExit as e:  # argparse and early checks exit before any model is loaded

@@ -49,13 +49,15 @@ def preset(name: str) -> list[str]:
     if name == "stories260k":
         calib, heldout = split_halves(DATA / "tinystories" / "tinystories_validation_head.txt", cache / "data")
         return [str(ASSETS / "models" / "stories260K"), "--calib", str(calib), "--calib-samples", "128",
-                "--calib-len", "256", *PINNED_SELECTION, "--ppl", str(heldout), "--window", "512", "--max-tokens", "32768",
+                "--calib-len", "256", *PINNED_SELECTION,
+                "--ppl", str(heldout), "--window", "512", "--max-tokens", "32768",
                 "--tasks", *TASK_FILES, "--limit", "300", "--agreement", "--map-levels", "0.25", "0.375",
                 "--title", "SubFit quality sweep: stories260K (TinyStories held-out half; MC tasks near chance)",
                 "--cache", str(cache), "--out", str(out)]
     if name == "smollm2":
         return ["--calib", str(DATA / "calib" / "wiki_passages.txt"), "--calib-samples", "128", "--calib-len", "512",
-                *PINNED_SELECTION, "--ppl", str(DATA / "wikitext-2-raw" / "wiki.test.raw"), "--window", "1024", "--max-tokens", "16384",
+                *PINNED_SELECTION,
+                "--ppl", str(DATA / "wikitext-2-raw" / "wiki.test.raw"), "--window", "1024", "--max-tokens", "16384",
                 "--tasks", *TASK_FILES, "--limit", "300",
                 "--title", "SubFit quality sweep: SmolLM2-135M-Instruct (WikiText-2 and five zero-shot tasks)",
                 "--cache", str(cache), "--out", str(out)]
