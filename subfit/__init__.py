@@ -2,9 +2,10 @@
 with fitted linear bypasses) and a fast runtime for the compressed model."""
 import importlib
 
+from subfit.config import DevOptions, SubFitConfig
 from subfit.plan import Plan, PlanError
 
-__all__ = ["compress", "compress_levels", "evaluate", "Plan", "PlanError"]
+__all__ = ["compress", "compress_levels", "evaluate", "DevOptions", "Plan", "PlanError", "SubFitConfig"]
 
 _LAZY = {"compress": "compression", "compress_levels": "compression", "evaluate": "evaluation"}
 

@@ -40,12 +40,13 @@ import torch
 import torch.nn.functional as F
 
 from subfit import models
+from subfit.config import check_sparsity
+from subfit.methods import BASELINES
 from subfit.fitting import LinearFit, full_fit
 from subfit.models import UNIT_KINDS, Decoder, ModelSource
-from subfit.plan import Plan
-from subfit.stats import UnitStats, token_weights, walk
+from subfit.plan import Bypass, Plan
+from subfit.stats import UnitStats, uniform_weights, walk
 
-MAX_SPARSITY = 0.75
 REPLACEME_RIDGE = 1e-4  # relative to the mean input variance (fitting._ridge): small, as in ReplaceMe's LS variant
 
 
@@ -160,15 +161,9 @@ def dense_scores(decoder: Decoder, calib_ids: torch.Tensor, *, batch_size: int =
 # ---------------------------------------------------------------------------------------------
 # budgets and selection rules
 # ---------------------------------------------------------------------------------------------
-def _check_sparsity(sparsity: float) -> None:
-    if not isinstance(sparsity, (int, float)) or math.isnan(sparsity) or not 0.0 < sparsity <= MAX_SPARSITY:
-        raise ValueError(f"sparsity={sparsity!r} is out of range: give a fraction of transformer-block parameters "
-                         f"in (0, {MAX_SPARSITY}], e.g. 0.125, 0.25, 0.375.")
-
-
 def layers_for(sparsity: float, plan: Plan) -> int:
     """Whole layers a layer-level method removes for `sparsity`: the nearest whole number."""
-    _check_sparsity(sparsity)
+    check_sparsity(sparsity)
     layer = plan.unit_params["attn"] + plan.unit_params["ffn"]
     n = math.floor(sparsity * plan.block_params / layer + 0.5)
     if n < 1:
@@ -246,7 +241,7 @@ def fit_blocks(decoder: Decoder, calib_ids: torch.Tensor, blocks: list[tuple[int
             for start, n in ending.get(layer, ()):
                 h0 = stored[start][i]
                 x = decoder.norm("attn", start)(h0)
-                stats[(start, n)].add(x, after - h0, h0, token_weights(h0, "uniform"))
+                stats[(start, n)].add(x, after - h0, h0, uniform_weights(h0))
             for start in [s for s in starts if last_use[s] == layer]:
                 stored[start].pop(i, None)
 
@@ -274,10 +269,7 @@ def block_map_plan(decoder: Decoder, source: ModelSource, start: int, n: int, fi
     plan = Plan.empty(decoder, source)
     for layer in range(start, start + n):
         plan.attn[layer] = plan.ffn[layer] = "delete"
-    plan.attn[start] = "bypass"
-    plan.tensors[f"attn.{start}.down"] = fit.down.float().contiguous()
-    plan.tensors[f"attn.{start}.up"] = fit.up.float().contiguous()
-    plan.tensors[f"attn.{start}.bias"] = fit.bias.float().contiguous()
+    plan.set_bypass("attn", start, Bypass(fit.down, fit.up, fit.bias))
     plan.method = method
     plan.validate()
     return plan
@@ -315,7 +307,6 @@ def _replaceme(decoder, source, sparsity, calib_ids, scores, base_method, *, rid
 
 
 def _llm_drop(decoder, source, sparsity, calib_ids, scores, base_method, **_) -> Plan:
-    _check_sparsity(sparsity)
     plan = Plan.empty(decoder, source)
     quota = int(sparsity * plan.block_params)
     units = llm_drop_units(scores, plan.unit_params, quota)
@@ -328,29 +319,8 @@ def _llm_drop(decoder, source, sparsity, calib_ids, scores, base_method, **_) ->
     return delete_plan(decoder, source, units, method)
 
 
-@dataclass(frozen=True)
-class Method:
-    name: str
-    level: str  # "layer" | "unit": what the method removes
-    contiguous: bool
-    fitted: bool
-    description: str
-    build: Callable | None  # None: SubFit itself (subfit.compression.compress)
-
-
-METHODS: dict[str, Method] = {
-    "subfit": Method("subfit", "unit", False, True,
-                     "SubFit: non-contiguous attention/FeedForward units replaced by fitted bypasses", None),
-    "shortgpt": Method("shortgpt", "layer", False, False,
-                       "ShortGPT: delete the layers of lowest Block Influence", _shortgpt),
-    "uidl": Method("uidl", "layer", True, False,
-                   "UIDL: delete the contiguous block with the least angular distance", _uidl),
-    "replaceme": Method("replaceme", "layer", True, True,
-                        "ReplaceMe (LS): UIDL's block replaced by a ridge least-squares linear map", _replaceme),
-    "llm-drop": Method("llm-drop", "unit", False, False,
-                       "LLM-Drop: delete the attention/FeedForward units of highest input-output cosine", _llm_drop),
-}
-BASELINES = tuple(name for name in METHODS if name != "subfit")
+BUILDERS: dict[str, Callable] = {"shortgpt": _shortgpt, "uidl": _uidl, "replaceme": _replaceme,
+                                 "llm-drop": _llm_drop}  # one per name of methods.BASELINES
 
 
 def compress_baseline(
@@ -367,39 +337,26 @@ def compress_baseline(
     batch_size: int = 8,
     device: str | torch.device | None = None,
     progress: bool = True,
-    **subfit_options,
 ) -> Plan:
-    """Compress `model` (a Hugging Face model, or a hub id / folder / .gguf path) with `method`
-    (a key of METHODS) to `sparsity` on the calibration tokens `calib_ids` [N, L].
+    """Compress `model` (a Hugging Face model, or a hub id / folder / .gguf path) with the baseline
+    `method` (a key of BASELINES) to `sparsity` on the calibration tokens `calib_ids` [N, L].
 
     `scores` (from `dense_scores` on the same model and tokens) skips the scoring walk; `fit`
     (ReplaceMe only) skips the fitting walk for the block it was fitted on. `ridge` is ReplaceMe's
-    (default REPLACEME_RIDGE) or SubFit's. For "subfit", `subfit_options` go to
-    `subfit.compression.compress` (granularity=, contiguous=, bypass=, step=, ...).
+    (default REPLACEME_RIDGE). SubFit itself is `subfit.compress`.
     """
-    if method not in METHODS:
-        raise ValueError(f"Unknown method {method!r}; choose one of {', '.join(METHODS)}.")
+    if method not in BASELINES:
+        hint = " SubFit itself is subfit.compress." if method == "subfit" else ""
+        raise ValueError(f"Unknown baseline {method!r}; choose one of {', '.join(BASELINES)}.{hint}")
+    check_sparsity(sparsity)
     if not isinstance(calib_ids, torch.Tensor) or calib_ids.dim() != 2:
         raise ValueError("calib_ids must be a token tensor [samples, length] (see subfit.calibration).")
     if isinstance(model, (str, os.PathLike)) or model is None:
         model, _, source = models.load(model)
-    if method == "subfit":
-        from subfit.compression import compress
-
-        if ridge is not None:
-            subfit_options["ridge"] = ridge
-        plan = compress(model, sparsity, calib_ids.long(), batch_size=batch_size, device=device, progress=progress,
-                        **subfit_options)
-        if source is not None:
-            plan.base.update(path=source.path, gguf_file=source.gguf_file)
-        if calib_info is not None:
-            plan.method["calibration"] = calib_info
-        return plan
-    if subfit_options:
-        raise ValueError(f"Options {sorted(subfit_options)} apply to SubFit only, not to {method}.")
-    _check_sparsity(sparsity)
     decoder = Decoder(model)
     source = source or models.source_of(model)
+    if sparsity == 0:
+        return Plan.empty(decoder, source)
     calib_ids = calib_ids.long()
     if scores is None:
         scores = dense_scores(decoder, calib_ids, batch_size=batch_size, device=device, progress=progress)
@@ -409,5 +366,5 @@ def compress_baseline(
                    "calibration": calib_info or {"source": "tensor", "samples": calib_ids.shape[0],
                                                  "length": calib_ids.shape[1]}}
     extra = {"ridge": REPLACEME_RIDGE if ridge is None else ridge, "fit": fit} if method == "replaceme" else {}
-    return METHODS[method].build(decoder, source, sparsity, calib_ids, scores, base_method, batch_size=batch_size,
+    return BUILDERS[method](decoder, source, sparsity, calib_ids, scores, base_method, batch_size=batch_size,
                                  device=device, progress=progress, **extra)

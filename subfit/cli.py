@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -10,18 +11,17 @@ from pathlib import Path
 from rich.console import Console
 from rich.table import Table
 
-from subfit.runtime.cli import add_commands as add_runtime_commands, number, positive_int
+from subfit.argtypes import positive_int, sparsity
+from subfit.methods import BASELINES, METHODS
+from subfit.runtime.cli import add_commands as add_runtime_commands
 
 console = Console(stderr=True)
 
 COMPRESS_EXAMPLES = """examples:
-  subfit compress --sparsity 0.25 --out plans/smollm2-25          # default model, self-generated calibration
-  subfit compress --sparsity 0.25 --calib-samples 128 --score-samples 32 --selection-draws 1 --out plans/quick
-                                                                  # a quick first plan on a CPU (one draw)
+  subfit compress --sparsity 0.25 --out plans/smollm2-25          # default model, text sampled from it
   subfit compress HuggingFaceTB/SmolLM2-135M --sparsity 0.25 --calib wiki.txt --out plans/s25
-  subfit compress ./my-llama --sparsity 0.375 --calib hf:wikitext:wikitext-2-raw-v1:train --out plans/l375
+  subfit compress ./my-llama --sparsity 0.375 --calib hf:wikitext:wikitext-2-raw-v1:train --device cuda --out plans/l375
   subfit compress HuggingFaceTB/SmolLM2-135M --method shortgpt --sparsity 0.25 --calib wiki.txt --out plans/sg25
-  subfit compress HuggingFaceTB/SmolLM2-135M --granularity layer --sparsity 0.25 --calib wiki.txt --out plans/l25
 """
 EVAL_EXAMPLES = """examples:
   subfit eval plans/smollm2-25 --ppl wiki.test.raw --window 1024 --max-tokens 16384
@@ -30,95 +30,72 @@ EVAL_EXAMPLES = """examples:
 """
 
 
-def _sparsity(text: str) -> float:
-    from subfit.compression import MAX_SPARSITY
-
-    return number(float, lambda v: 0.0 <= v <= MAX_SPARSITY,
-                  f"a sparsity (fraction of transformer-block parameters) between 0 and {MAX_SPARSITY}, e.g. 0.25")(text)
-
-
 def add_compress(sub) -> None:
+    from subfit.config import CALIB_SAMPLES
+
     p = sub.add_parser("compress", help="compress a model into a SubFit plan", epilog=COMPRESS_EXAMPLES,
                        formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("model", nargs="?", default=None,
                    help="Hugging Face id, folder or .gguf file (default: the embedded SmolLM2-135M-Instruct)")
-    p.add_argument("--sparsity", type=_sparsity, required=True,
-                   help="fraction of transformer-block parameters to remove, e.g. 0.125 0.1875 0.25 0.3125 0.375")
+    p.add_argument("--sparsity", type=sparsity, required=True,
+                   help="fraction of transformer-block parameters to remove, e.g. 0.125 0.25 0.375")
     p.add_argument("--calib", default=None,
                    help="calibration text file, or hf:ID[:CONFIG[:SPLIT]]; default: text sampled from the model")
     p.add_argument("--calib-samples", type=positive_int, default=None,
-                   help="number of sequences (default 272: 256 to fit on, 16 held out to choose between draws)")
-    p.add_argument("--calib-len", type=positive_int, default=512, help="tokens per sequence (default 512)")
-    p.add_argument("--seed", type=int, default=0, help="seed for sampling calibration data (default 0)")
+                   help=f"calibration sequences (default {CALIB_SAMPLES})")
+    p.add_argument("--calib-len", type=positive_int, default=None, help="tokens per sequence (default 512)")
+    p.add_argument("--seed", type=int, default=None, help="seed of calibration sampling and selection draws (default 0)")
     p.add_argument("--attn-rank", type=positive_int, default=None, help="attention bypass rank (default hidden/8)")
     p.add_argument("--ffn-rank", type=positive_int, default=None,
-                   help="rank of the shared FeedForward bypass basis (default hidden/2)")
-    p.add_argument("--method", default="subfit", choices=["subfit", "shortgpt", "uidl", "replaceme", "llm-drop"],
-                   help="subfit (default) or a baseline: shortgpt | uidl | replaceme | llm-drop (see subfit.baselines)")
-    p.add_argument("--granularity", default="unit", choices=["unit", "layer"],
-                   help="subfit ablation: remove single units (default) or whole layers")
-    p.add_argument("--contiguous", action="store_true", help="subfit ablation: one contiguous run of units")
-    p.add_argument("--no-bypass", action="store_true", help="subfit ablation: delete the chosen units, no bypasses")
-    p.add_argument("--ridge", type=float, default=None,
-                   help="ridge, relative to input variance (default 1e-3 for subfit, 1e-4 for replaceme)")
-    p.add_argument("--score", default="output-kl", choices=["output-kl", "bypass-error", "bypass-error-global"],
-                   help="unit score (default output-kl: effect on the next-token distribution)")
-    p.add_argument("--step", type=_sparsity, default=None,
-                   help="sparsity committed per greedy scoring walk (default 1/32: 8 walks for 0.25)")
-    p.add_argument("--score-samples", type=positive_int, default=None,
-                   help="calibration sequences used for scoring walks (default 64)")
+                   help="rank of the FeedForward bypasses' shared input basis (default hidden/2)")
     p.add_argument("--selection-draws", type=positive_int, default=None,
-                   help="run the selection K times on other scoring sequences and keep the plan with the least "
-                        "loss on 16 held-out calibration sequences (default 3; 1 takes about a third of the time)")
-    p.add_argument("--probe", default="held-out", choices=["held-out", "in-sample"],
-                   help="sequences the output-kl score is measured on: held-out (default) calibration sequences "
-                        "the scoring walk did not fit on, or in-sample (biased towards overfitted bypasses)")
-    p.add_argument("--bypass-target", default=None, choices=["unit", "run", "dense"],
-                   help="what each bypass is fitted to: along a run of adjacent bypasses the output of the "
-                        "block the run replaces (run, the default), its unit's output (unit), or the dense "
-                        "model's stream (dense, a development option); see README")
-    p.add_argument("--device", default=None, help="device for the layer-by-layer walk, e.g. cuda (default cpu)")
-    p.add_argument("--trust-remote-code", action="store_true", help="allow model code from the hub (off by default)")
+                   help="greedy selections on other scoring sequences; the plan with the least loss on held-out "
+                        "calibration is kept (default 3; 1 is about a third of the time)")
+    p.add_argument("--method", default="subfit", choices=list(METHODS),
+                   help="subfit (default) or a baseline to compare with: " + ", ".join(BASELINES))
+    p.add_argument("--device", default=None, help="device of the layer-by-layer walk, e.g. cuda (default: cpu)")
     p.add_argument("--out", required=True, help="plan directory to write")
     p.add_argument("--overwrite", action="store_true", help="replace an existing plan in --out")
     p.set_defaults(run=run_compress)
 
 
+CONFIG_OPTIONS = ("calib_samples", "calib_len", "seed", "attn_rank", "ffn_rank", "selection_draws", "device")
+
+
 def run_compress(args) -> int:
-    from subfit import models
-    from subfit.compression import CALIB_SAMPLES, compress
+    from subfit.config import SubFitConfig
 
     out = Path(args.out)
     if (out / "plan.json").exists() and not args.overwrite:
         raise SystemExit(f"error: {out} already holds a plan; choose another --out or pass --overwrite.")
     if args.calib and not args.calib.startswith("hf:") and not Path(args.calib).is_file():
         raise SystemExit(f"error: calibration file {args.calib} does not exist (or use hf:ID for a dataset).")
-    ablations = args.granularity != "unit" or args.contiguous or args.no_bypass
-    if args.method != "subfit" and (ablations or args.selection_draws or args.score_samples):
-        raise SystemExit(f"error: --granularity/--contiguous/--no-bypass/--selection-draws/--score-samples are "
-                         f"SubFit options; they do not apply to --method {args.method}.")
-    calib_samples = args.calib_samples or CALIB_SAMPLES
+    given = {name: getattr(args, name) for name in CONFIG_OPTIONS if getattr(args, name) is not None}
+    if args.method != "subfit":
+        subfit_only = sorted(f"--{n.replace('_', '-')}" for n in given if n in ("attn_rank", "ffn_rank", "selection_draws"))
+        if subfit_only:
+            raise SystemExit(f"error: {', '.join(subfit_only)} are SubFit options; they do not apply to "
+                             f"--method {args.method}.")
+    if args.method != "subfit":
+        given["selection_draws"] = 1  # a baseline makes one selection: hold nothing out
+    config = SubFitConfig(**given)  # checked here, before the model is loaded
     start = time.time()
-    model, tokenizer, source = models.load(args.model, trust_remote_code=args.trust_remote_code)
+    from subfit import models
+
+    model, tokenizer, source = models.load(args.model)
     if args.method == "subfit":
-        plan = compress(model, args.sparsity, args.calib, tokenizer=tokenizer, calib_samples=calib_samples,
-                        calib_len=args.calib_len, seed=args.seed, attn_rank=args.attn_rank, ffn_rank=args.ffn_rank,
-                        ridge=1e-3 if args.ridge is None else args.ridge, score=args.score,
-                        probe=args.probe, granularity=args.granularity, contiguous=args.contiguous,
-                        bypass=not args.no_bypass, device=args.device,
-                        **{name: value for name, value in (("step", args.step), ("score_samples", args.score_samples),
-                                                           ("selection_draws", args.selection_draws),
-                                                           ("bypass_target", args.bypass_target))
-                           if value is not None})
+        from subfit.compression import compress
+
+        plan = compress(model, args.sparsity, args.calib, tokenizer=tokenizer, config=config)
     else:
         from subfit import calibration
         from subfit.baselines import compress_baseline
 
-        calib_ids = calibration.load_calibration(args.calib, model, tokenizer, calib_samples, args.calib_len,
-                                                 args.seed)
-        plan = compress_baseline(model, args.method, args.sparsity, calib_ids, source=source, ridge=args.ridge,
-                                 calib_info=calibration.describe(args.calib, calib_ids, args.seed),
-                                 device=args.device)
+        calib_ids = calibration.load_calibration(args.calib, model, tokenizer, config.calib_samples,
+                                                 config.calib_len, config.seed)
+        plan = compress_baseline(model, args.method, args.sparsity, calib_ids, source=source,
+                                 calib_info=calibration.describe(args.calib, calib_ids, config.seed),
+                                 device=config.device)
     plan.save(out)
     acc = plan.accounting()
     table = Table(title=f"{args.method} plan -> {out}  ({time.time() - start:.0f} s)")
@@ -131,19 +108,12 @@ def run_compress(args) -> int:
         ("bypass parameters", f"{acc['bypass_params']:,}"),
         ("net sparsity", f"{acc['net_sparsity']:.4f}"),
         ("KV cache reduction", f"{acc['kv_reduction']:.1%}"),
-        ("layers (A=attn, F=ffn removed)", _layer_map(plan)),
+        ("layers (a/f bypassed, A/F deleted)", plan.layer_map()),
     ]
     for row in rows:
         table.add_row(*row)
     console.print(table)
     return 0
-
-
-def _layer_map(plan) -> str:
-    marks = []
-    for a, f in zip(plan.attn, plan.ffn):
-        marks.append(("A" if a != "keep" else ".") + ("F" if f != "keep" else "."))
-    return " ".join(marks)
 
 
 def add_eval(sub) -> None:
@@ -242,13 +212,30 @@ def report_table(report: dict) -> Table:
     return table
 
 
+SWEEP_SCRIPT = Path(__file__).resolve().parents[1] / "bench" / "sweep" / "sweep.py"
+
+
+def add_sweep(sub) -> None:
+    p = sub.add_parser("sweep", add_help=False, prefix_chars="\0",
+                       help="every method at every sparsity level, compared (source checkout: bench/sweep)")
+    p.add_argument("args", nargs=argparse.REMAINDER)
+    p.set_defaults(run=run_sweep)
+
+
+def run_sweep(args) -> int:
+    """The sweep is a research tool that ships with the source repository (it plots with
+    plotting libraries and reads the benchmark assets), not with the package: run it from the checkout."""
+    if not SWEEP_SCRIPT.is_file():
+        raise SystemExit("error: `subfit sweep` runs bench/sweep/sweep.py from a source checkout of subfit, and this "
+                         "installation has none. Clone the repository and `pip install -e \".[dev]\"` there.")
+    return subprocess.call([sys.executable, str(SWEEP_SCRIPT), *args.args])
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="subfit", description="SubFit compression and fast decode of LLMs.")
     sub = parser.add_subparsers(dest="command", required=True)
     add_compress(sub)
     add_eval(sub)
-    from subfit.sweep import add_commands as add_sweep
-
     add_sweep(sub)
     add_runtime_commands(sub)
     return parser

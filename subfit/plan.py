@@ -23,6 +23,12 @@ WEIGHTS_FILE = "bypass.safetensors"
 FFN_BASIS = "ffn.basis"
 
 
+def bypass_tensor_names(kind: str, layer: int) -> dict[str, str]:
+    """The names of a bypass's tensors in `bypass.safetensors`: the one place they are built."""
+    down = f"attn.{layer}.down" if kind == "attn" else FFN_BASIS
+    return {"down": down, "up": f"{kind}.{layer}.up", "bias": f"{kind}.{layer}.bias"}
+
+
 class PlanError(ValueError):
     """A plan is malformed, incomplete, or does not match the model it is applied to."""
 
@@ -96,9 +102,23 @@ class Plan:
         return self.attn if kind == "attn" else self.ffn
 
     def bypass(self, kind: str, layer: int) -> Bypass:
-        t = self.tensors
-        down = t[f"attn.{layer}.down"] if kind == "attn" else t[FFN_BASIS]
-        return Bypass(down, t[f"{kind}.{layer}.up"], t[f"{kind}.{layer}.bias"])
+        names = bypass_tensor_names(kind, layer)
+        return Bypass(*(self.tensors[names[part]] for part in ("down", "up", "bias")))
+
+    def set_bypass(self, kind: str, layer: int, bypass: Bypass) -> None:
+        """Mark a unit bypassed and store its weights. Every FeedForward bypass's `down` is the one
+        shared basis, so setting it again replaces it for all of them."""
+        self.actions(kind)[layer] = "bypass"
+        for part, name in bypass_tensor_names(kind, layer).items():
+            self.tensors[name] = getattr(bypass, part).detach().float().contiguous()
+
+    def layer_map(self) -> str:
+        """Two characters per layer: '.' kept, lower case bypassed, upper case deleted (a/A
+        attention, f/F FeedForward)."""
+        def mark(action: str, letter: str) -> str:
+            return "." if action == "keep" else (letter.upper() if action == "delete" else letter)
+
+        return " ".join(mark(a, "a") + mark(f, "f") for a, f in zip(self.attn, self.ffn))
 
     @property
     def num_layers(self) -> int:

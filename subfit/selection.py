@@ -1,43 +1,106 @@
-"""Scores and greedy selection of units under a parameter budget.
+"""Which units go: damage scores, the output-KL probe, budget packing and the greedy walk.
 
-A score says how much damage replacing a unit by its fitted bypass would do (lower = safer to
-remove). The local score is the error the bypass injects into the residual stream, relative to
-the stream, per token; the output score is the KL divergence it causes in the model's next-token
-distribution. The global-norm local score is kept as the simple baseline it improves on.
+A unit's damage is first scored locally, as the error its fitted bypass would inject into the
+residual stream relative to the stream, per token (what the next RMSNorm sees); the most promising
+units are then re-ranked by the KL divergence their bypass causes in the model's next-token
+distribution on probe sequences the scoring walk did not fit on. The greedy re-scores after each
+step, so removals that interact are seen together.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+import math
 
-from subfit.stats import Unit
+import torch
+
+from subfit.config import VALIDATION_SAMPLES
+from subfit.fitting import LinearFit, reduced_rank_fit
+from subfit.models import UNIT_KINDS, Decoder
+from subfit.plan import Bypass, Plan
+from subfit.stats import Unit, walk
 
 Group = tuple[Unit, ...]  # units removed together: one unit, or a whole layer's two
 
 
-@dataclass(frozen=True)
-class Score:
-    """How a unit's damage is measured.
+def token_weights(hidden: torch.Tensor) -> torch.Tensor:
+    """Per-token weights of the error metric: 1 / mean(h^2) of the residual stream the error is
+    added to, i.e. the error as the next RMSNorm sees it. Unweighted, the few tokens that carry
+    massive activations dominate every norm and all units look alike."""
+    return 1.0 / hidden.double().pow(2).mean(-1).clamp_min(1e-12)
 
-    weighting: "per_token" normalises each token's error by its own stream size (what the next
-        RMSNorm sees); "uniform" divides the total error by the total stream energy, which the
-        few massive-activation tokens dominate, so units barely separate.
-    output_effect: re-rank the most promising units by the KL divergence their bypass causes in
-        the final next-token distribution (forward passes from the unit to the head).
+
+def as_bypass(fit: LinearFit) -> Bypass:
+    return Bypass(fit.down.float(), fit.up.float(), fit.bias.float())
+
+
+# ---------------------------------------------------------------------------------------------
+# which calibration sequences each part of the selection sees
+# ---------------------------------------------------------------------------------------------
+def scoring_and_probe_ids(calib_ids: torch.Tensor, score_samples: int,
+                          probe_samples: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The scoring walk's sequences and the output-KL probe's, held out from them.
+
+    Probed on its own fit sequences a bypass looks about 30% less harmful (first walk on
+    SmolLM2-135M, docs/method.md), so the greedy would trust its most overfitted bypasses; held
+    out, the KL is unbiased. Short calibration gives up scoring sequences so the probe stays held out.
     """
+    n = calib_ids.shape[0]
+    if n < 2:
+        return calib_ids, calib_ids
+    held_out = min(probe_samples, n - 1)
+    scoring = calib_ids[:max(1, min(score_samples, n - held_out))]
+    return scoring, calib_ids[scoring.shape[0]:scoring.shape[0] + held_out]
 
-    weighting: str = "per_token"
-    output_effect: bool = False
+
+def validation_split(calib_ids: torch.Tensor, draws: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The sequences bypasses are fitted on and those held out to choose between selection draws.
+
+    One draw needs no choice and fits on every sequence. Several draws set aside
+    `VALIDATION_SAMPLES` sequences, a seeded random subset (a drawn file's windows are in file
+    order), which no scoring walk, probe or fit sees, so the choice does not favour the plan whose
+    bypasses overfit most."""
+    if draws == 1:
+        return calib_ids, calib_ids[:0]
+    n = calib_ids.shape[0]
+    if n < VALIDATION_SAMPLES + 2:
+        raise ValueError(f"selection_draws={draws} holds out {VALIDATION_SAMPLES} calibration sequences to choose "
+                         f"between draws and needs at least 2 more to fit on, but there are {n}. Give more "
+                         f"calibration (--calib-samples) or use one draw (--selection-draws 1).")
+    order = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
+    held = order[:VALIDATION_SAMPLES].sort().values
+    return calib_ids[order[VALIDATION_SAMPLES:].sort().values], calib_ids[held]
 
 
-SCORES = {
-    "bypass-error": Score("per_token"),
-    "bypass-error-global": Score("uniform"),
-    "output-kl": Score("per_token", output_effect=True),
-}
+def draw_order(fit_ids: torch.Tensor, draw: int, seed: int) -> torch.Tensor:
+    """The sequences in the order draw `draw` takes its scoring walk and probe from (the first ones):
+    draw 0 as given, so one draw is the plain selection; later draws a seeded shuffle."""
+    if draw == 0:
+        return fit_ids
+    generator = torch.Generator().manual_seed(1_000_003 * seed + draw)
+    return fit_ids[torch.randperm(fit_ids.shape[0], generator=generator)]
+
+
+# ---------------------------------------------------------------------------------------------
+# budget packing
+# ---------------------------------------------------------------------------------------------
+def unit_groups(num_layers: int, granularity: str) -> list[Group]:
+    """What can be removed: single units in depth order, or whole layers."""
+    if granularity == "layer":
+        return [tuple((k, i) for k in UNIT_KINDS) for i in range(num_layers)]
+    return [((k, i),) for i in range(num_layers) for k in UNIT_KINDS]
 
 
 def group_sizes(groups: list[Group], unit_params: dict[str, int]) -> dict[Group, int]:
     return {g: sum(unit_params[kind] for kind, _ in g) for g in groups}
+
+
+def infeasible(plan: Plan, sparsity: float, granularity: str = "unit") -> str | None:
+    """Why `sparsity` cannot be reached on `plan`'s model at `granularity` (None if it can)."""
+    sizes = plan.unit_params if granularity == "unit" else {"layer": sum(plan.unit_params.values())}
+    smallest, quota = min(sizes.values()), int(sparsity * plan.block_params)
+    if sparsity > 0 and quota < smallest:
+        return (f"sparsity={sparsity} allows {quota:,} parameters, less than the smallest removable {granularity} "
+                f"({smallest:,} = {smallest / plan.block_params:.4f} of block parameters). Raise the sparsity.")
+    return None
 
 
 def greedy_select(scores: dict[Group, float], sizes: dict[Group, int], room: int) -> list[Group]:
@@ -87,3 +150,142 @@ def best_window(order: list[Group], scores: dict[Group, float], sizes: dict[Grou
             damage += scores[order[end]]
             options.append((-total, damage, order[start:end + 1]))
     return _least_damage(options, min(sizes.values(), default=0))
+
+
+# ---------------------------------------------------------------------------------------------
+# the output-KL probe
+# ---------------------------------------------------------------------------------------------
+@torch.no_grad()
+def output_effects(
+    decoder: Decoder,
+    probe_ids: torch.Tensor,
+    removed: dict[Unit, Bypass | None],
+    candidates: dict[Unit, Bypass],
+    scored_positions: int = 256,
+) -> dict[Unit, float]:
+    """KL(current model || current model with one more unit bypassed), per candidate, averaged
+    over the probe tokens: the damage a removal does to what the model actually outputs.
+
+    The probe runs once through the current model (the `removed` units bypassed, None = deleted),
+    remembering the residual stream in front of every unit; each candidate then restarts from its
+    own unit, so the cost is one partial forward per candidate.
+    """
+    order = [(kind, layer) for layer in range(decoder.num_layers) for kind in UNIT_KINDS]
+    device = next(decoder.model.parameters()).device
+    ids = probe_ids.to(device)
+    hidden = decoder.embed(ids)
+    rotary = decoder.rotary(hidden, torch.arange(ids.shape[1], device=device)[None])
+
+    def step(unit: Unit, h: torch.Tensor, replacement: Bypass | None = None) -> torch.Tensor:
+        kind, layer = unit
+        if replacement is None and unit in removed:
+            replacement = removed[unit]
+            if replacement is None:
+                return h
+        normed = decoder.norm(kind, layer)(h)
+        return h + (replacement(normed) if replacement is not None else decoder.run_unit(kind, layer, normed, rotary))
+
+    # The vocabulary projection and softmax cost as much as the layers: score a strided subset of
+    # at most `scored_positions` positions (all positions still serve as attention context).
+    every = max(1, ids.numel() // scored_positions)
+
+    def log_probs(h: torch.Tensor) -> torch.Tensor:
+        return torch.log_softmax(decoder.head(h[:, every - 1::every]).float(), -1)
+
+    streams = {}
+    for unit in order:
+        streams[unit] = hidden
+        hidden = step(unit, hidden)
+    reference = log_probs(hidden)
+    effects = {}
+    for unit, bypass in candidates.items():
+        h = step(unit, streams[unit], bypass)
+        for later in order[order.index(unit) + 1:]:
+            h = step(later, h)
+        logp = log_probs(h)
+        effects[unit] = float((reference.exp() * (reference - logp)).sum(-1).mean())
+    return effects
+
+
+# ---------------------------------------------------------------------------------------------
+# the greedy
+# ---------------------------------------------------------------------------------------------
+class Selector:
+    """Greedy selection by scoring walks: each walk runs the model with the removals so far
+    bypassed, fits a candidate bypass to every kept unit and scores it; the most promising by local
+    score are re-ranked by their output KL on the probe sequences."""
+
+    def __init__(self, decoder: Decoder, groups: list[Group], sizes: dict[Group, int], ranks: dict[str, int],
+                 ridge: float, scoring_ids: torch.Tensor, probe_ids: torch.Tensor, shortlist: int,
+                 walk_args: dict, reuse_first_walk: bool):
+        self.decoder, self.groups, self.sizes, self.ranks, self.ridge = decoder, groups, sizes, ranks, ridge
+        self.scoring_ids, self.probe_ids, self.shortlist = scoring_ids, probe_ids, shortlist
+        self.walk_args = dict(walk_args, weights=token_weights)
+        self.walks = 0
+        # A walk's statistics are two float64 d x d matrices per unit (2 GB on Llama-3.2-1B, 17 GB
+        # on a 32-layer 7B model): the first walk is cached only when several levels will reuse it.
+        self.reuse_first_walk = reuse_first_walk
+        self.first_walk: dict[bool, tuple[dict[Group, float], dict]] = {}
+
+    def candidate_fit(self, kind: str, stats) -> LinearFit:
+        return reduced_rank_fit(stats.moments(), self.ranks[kind], self.ridge)
+
+    def score(self, removed: list[Unit], every_group: bool) -> tuple[dict[Group, float], dict]:
+        """One walk with `removed` bypassed: the damage score of every kept group (of the shortlist,
+        unless `every_group`), and the walk's statistics. The first walk (nothing removed) is the
+        same for every level and is made once when several levels share it."""
+        if not removed and every_group in self.first_walk:
+            return self.first_walk[every_group]
+        self.walks += 1
+        bypasses: dict[Unit, Bypass] = {}
+        kept = [g for g in self.groups if g[0] not in removed]
+
+        def fit_removed(kind: str, layer: int, stats) -> Bypass:
+            bypasses[(kind, layer)] = as_bypass(self.candidate_fit(kind, stats))
+            return bypasses[(kind, layer)]
+
+        stats = walk(self.decoder, self.scoring_ids, actions={u: "bypass" for u in removed}, fit=fit_removed,
+                     collect=[u for g in kept for u in g], desc=f"scoring walk {self.walks}", **self.walk_args)
+        fits = {u: self.candidate_fit(u[0], stats[u]) for g in kept for u in g}
+        local = {g: sum(stats[u].relative_error(fits[u].error) for u in g) / self.sizes[g] for g in kept}
+        # Only the most promising groups by local score pay for forward passes, unless every
+        # group must be scored alike (a contiguous run).
+        if not every_group:
+            kept = sorted(kept, key=local.__getitem__)[:max(1, self.shortlist // len(kept[0]))]
+        unit_scores = output_effects(self.decoder, self.probe_ids, bypasses,
+                                     {u: as_bypass(fits[u]) for g in kept for u in g})
+        result = {g: sum(unit_scores[u] for u in g) for g in kept}, stats
+        if not removed and self.reuse_first_walk:
+            self.first_walk[every_group] = result
+        return result
+
+    def trajectory(self, quota: int, step: int) -> tuple[list[Unit], dict]:
+        """Greedy removal up to `quota` parameters: each walk plans the room left (the mix of
+        groups that fills it best at the least damage) and commits the safest part of that plan,
+        by damage per parameter, until `step` more parameters are removed; the last walk commits
+        all of it. Returns the removed units and the last walk's statistics of the removed
+        FeedForwards (that walk saw every one of them), for their shared basis."""
+        removed: list[Unit] = []
+        used, stats = 0, {}
+        for mark in [k * step for k in range(1, math.ceil(quota / step))] + [quota] if quota else []:
+            stats = {}  # free the last walk's statistics before the next walk gathers its own
+            scores, stats = self.score(removed, every_group=False)
+            planned = greedy_select(scores, self.sizes, quota - used)
+            for group in sorted(planned, key=lambda g: scores[g] / self.sizes[g]):
+                if used >= mark:
+                    break
+                removed += group
+                used += self.sizes[group]
+        return removed, _basis_stats(stats, removed)
+
+    def window(self, quota: int) -> tuple[list[Unit], dict]:
+        """The contiguous ablation: the best run of groups under `quota`, scored in one walk."""
+        scores, stats = self.score([], every_group=True)
+        order = [g for g in self.groups if g in scores]
+        removed = [u for g in best_window(order, scores, self.sizes, quota) for u in g]
+        return removed, _basis_stats(stats, removed)
+
+
+def _basis_stats(stats: dict, removed: list[Unit]) -> dict:
+    """The statistics the final fit still needs: the removed FeedForwards', for their shared basis."""
+    return {u: stats[u] for u in removed if u[0] == "ffn"}

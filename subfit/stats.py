@@ -17,22 +17,12 @@ from subfit.models import UNIT_KINDS, Decoder
 from subfit.plan import Bypass
 
 Unit = tuple[str, int]  # ("attn" | "ffn", layer)
-WEIGHTINGS = ("per_token", "uniform")
-TARGETS = ("unit", "run", "dense")
+TARGETS = ("unit", "run")
+Weights = Callable[[torch.Tensor], torch.Tensor]  # residual stream [..., d] -> float64 token weights [...]
 
 
-def token_weights(hidden: torch.Tensor, weighting: str) -> torch.Tensor:
-    """Per-token weights of the error metric.
-
-    `per_token` weighs each token by 1 / mean(h^2) of the residual stream it is added to, i.e.
-    the error as the next RMSNorm sees it. Without it, the few tokens that carry massive
-    activations dominate every norm and all units look alike.
-    """
-    if weighting == "uniform":
-        return torch.ones(hidden.shape[:-1], dtype=torch.float64, device=hidden.device)
-    if weighting == "per_token":
-        return 1.0 / hidden.double().pow(2).mean(-1).clamp_min(1e-12)
-    raise ValueError(f"Unknown weighting {weighting!r}; choose one of {WEIGHTINGS}.")
+def uniform_weights(hidden: torch.Tensor) -> torch.Tensor:
+    return torch.ones(hidden.shape[:-1], dtype=torch.float64, device=hidden.device)
 
 
 class UnitStats:
@@ -89,7 +79,7 @@ def walk(
     actions: dict[Unit, str] | None = None,
     fit: Callable[[str, int, UnitStats], Bypass] | None = None,
     collect: Iterable[Unit] = (),
-    weighting: str = "per_token",
+    weights: Weights = uniform_weights,
     batch_size: int = 8,
     device: str | torch.device | None = None,
     hooks: Iterable[Hook] = (),
@@ -102,7 +92,8 @@ def walk(
     `actions` maps units to "bypass"/"delete" (others are kept). A bypassed unit's statistics are
     gathered first, then `fit(kind, layer, stats)` returns its bypass, which replaces the unit for
     the rest of the walk. Statistics are also returned for every unit in `collect`. `hooks` see
-    the residual stream before and after each unit (baseline scores use them).
+    the residual stream before and after each unit (baseline scores use them). `weights` gives each
+    token's weight in the statistics (the selection's metric weighs tokens per stream size).
 
     A bypassed unit's fit target is the stream after it on a reference path, minus the compressed
     stream before it. `target="unit"`: the reference is the compressed stream itself, so the target
@@ -110,9 +101,8 @@ def walk(
     runs the real units from the run's start, so each bypass also undoes the error of the bypasses
     before it in the run, and the run as a whole fits the block it replaces (what one block map
     fitted to the block's output does); a lone bypassed unit gets its own output, as with "unit".
-    `target="dense"`: the reference is the dense model, so each bypass chases the drift of every
-    earlier removal. Scoring walks fit candidates to "unit"; compress's final fit defaults to "run"
-    (better in every refit, `bench/results/refit_125_smollm2.md`, and in the sweep).
+    Scoring walks fit candidates to "unit"; compress's final fit uses "run", which measured better
+    at every level (docs/method.md).
     """
     if target not in TARGETS:
         raise ValueError(f"Unknown target {target!r}; choose one of {TARGETS}.")
@@ -143,7 +133,7 @@ def walk(
                 stats[unit] = unit_stats
             # A kept unit's output is added as soon as it is computed; a bypassed unit needs the
             # statistics of every batch before its fit exists, so it takes a second sweep.
-            follows_reference = reference is not None and (action == "bypass" or target == "dense")
+            follows_reference = reference is not None and action == "bypass"
             for i, h in enumerate(hidden):
                 normed = norm(h)
                 y = None
@@ -154,7 +144,7 @@ def walk(
                 elif action == "keep" or unit_stats is not None:
                     y = decoder.run_unit(kind, layer, normed, rotary)
                 if unit_stats is not None:
-                    unit_stats.add(normed, y, h, token_weights(h, weighting))
+                    unit_stats.add(normed, y, h, weights(h))
                 if action != "bypass":
                     hidden[i] = h + y if action == "keep" else h
                     if target == "run":
@@ -171,55 +161,3 @@ def walk(
     decoder.body.embed_tokens.to(home)
     decoder.body.rotary_emb.to(home)
     return stats
-
-
-@torch.no_grad()
-def output_effects(
-    decoder: Decoder,
-    probe_ids: torch.Tensor,
-    removed: dict[Unit, Bypass | None],
-    candidates: dict[Unit, Bypass],
-    scored_positions: int = 256,
-) -> dict[Unit, float]:
-    """KL(current model || current model with one more unit bypassed), per candidate, averaged
-    over the probe tokens: the damage a removal does to what the model actually outputs.
-
-    The probe runs once through the current model (the `removed` units bypassed, None = deleted),
-    remembering the residual stream in front of every unit; each candidate then restarts from its
-    own unit, so the cost is one partial forward per candidate.
-    """
-    order = [(kind, layer) for layer in range(decoder.num_layers) for kind in UNIT_KINDS]
-    device = next(decoder.model.parameters()).device
-    ids = probe_ids.to(device)
-    hidden = decoder.embed(ids)
-    rotary = decoder.rotary(hidden, torch.arange(ids.shape[1], device=device)[None])
-
-    def step(unit: Unit, h: torch.Tensor, replacement: Bypass | None = None) -> torch.Tensor:
-        kind, layer = unit
-        if replacement is None and unit in removed:
-            replacement = removed[unit]
-            if replacement is None:
-                return h
-        normed = decoder.norm(kind, layer)(h)
-        return h + (replacement(normed) if replacement is not None else decoder.run_unit(kind, layer, normed, rotary))
-
-    # The vocabulary projection and softmax cost as much as the layers: score a strided subset of
-    # at most `scored_positions` positions (all positions still serve as attention context).
-    every = max(1, ids.numel() // scored_positions)
-
-    def log_probs(h: torch.Tensor) -> torch.Tensor:
-        return torch.log_softmax(decoder.head(h[:, every - 1::every]).float(), -1)
-
-    streams = {}
-    for unit in order:
-        streams[unit] = hidden
-        hidden = step(unit, hidden)
-    reference = log_probs(hidden)
-    effects = {}
-    for unit, bypass in candidates.items():
-        h = step(unit, streams[unit], bypass)
-        for later in order[order.index(unit) + 1:]:
-            h = step(later, h)
-        logp = log_probs(h)
-        effects[unit] = float((reference.exp() * (reference - logp)).sum(-1).mean())
-    return effects

@@ -80,3 +80,4 @@ def family_model_dir(tmp_path_factory, stories_dir):
         return built[family]
 
     return get
+

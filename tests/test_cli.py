@@ -17,10 +17,10 @@ def small_text(tinystories_file, tmp_path):
 def test_compress_then_eval(stories_dir, small_text, tmp_path, capsys):
     out = tmp_path / "plan"
     assert main(["compress", str(stories_dir), "--sparsity", "0.25", "--calib", str(small_text),
-                 "--calib-samples", "8", "--calib-len", "64", "--selection-draws", "1", "--bypass-target", "run",
-                 "--out", str(out)]) == 0
+                 "--calib-samples", "8", "--calib-len", "64", "--selection-draws", "1", "--out", str(out)]) == 0
     assert (out / "plan.json").exists() and (out / "bypass.safetensors").exists()
-    assert json.loads((out / "plan.json").read_text())["method"]["bypass_target"] == "run"
+    recorded = json.loads((out / "plan.json").read_text())["method"]["config"]
+    assert recorded["calib_samples"] == 8 and recorded["selection_draws"] == 1
     assert "sparsity" in capsys.readouterr().err
     task = tmp_path / "task.jsonl"
     task.write_text("\n".join(json.dumps({"query": "Lily liked", "choices": ["cats", "dogs"], "gold": i % 2})
@@ -45,7 +45,7 @@ def test_default_draws_need_calibration_to_hold_out(stories_dir, small_text, tmp
     argv = ["compress", str(stories_dir), "--sparsity", "0.25", "--calib", str(small_text), "--calib-samples", "8",
             "--calib-len", "64", "--out", str(out)]
     assert main(argv) == 2
-    assert re.search(r"selection_draws=3 holds out 16 .* but there are 8\..*--calib-samples.*--selection-draws 1",
+    assert re.search(r"selection_draws=3 holds out 16 .* but calib_samples=8\..*--calib-samples.*--selection-draws 1",
                      " ".join(capsys.readouterr().err.split()))
     assert not out.exists()
 
@@ -53,10 +53,10 @@ def test_default_draws_need_calibration_to_hold_out(stories_dir, small_text, tmp
 @pytest.mark.parametrize("argv,message", [
     (["compress", "--sparsity", "0.9", "--out", "p"], "between 0 and 0.75, e.g. 0.25, got 0.9"),
     (["compress", "--sparsity", "0.25", "--calib", "x.txt", "--out", "p"], "x.txt does not exist"),
-    (["compress", "--sparsity", "0.25", "--bypass-target", "block", "--out", "p"], "invalid choice: 'block'"),
+    (["compress", "--sparsity", "0.25", "--attn-rank", "0", "--out", "p"], "expected a positive integer, got 0"),
+    (["compress", "--sparsity", "0.25", "--method", "magic", "--out", "p"], "invalid choice: 'magic'"),
     (["compress", "--method", "shortgpt", "--sparsity", "0.25", "--selection-draws", "3", "--out", "p"],
      "do not apply to --method shortgpt"),
-    (["compress", "somewhere", "--sparsity", "0.25", "--step", "0", "--out", "p"], r"step=0.0 must be in \(0, 0.75\]"),
     (["eval", "somewhere", "--ppl", "missing.txt"], "missing.txt does not exist"),
     (["eval", "somewhere"], "nothing to evaluate"),
 ])

@@ -6,12 +6,15 @@ import sys
 
 import pytest
 import torch
+from compress_settings import settings
 
 from subfit import models
 from subfit.calibration import CalibrationError
 from subfit import compression as compress_module
-from subfit.compression import (VALIDATION_SAMPLES, compress, compress_levels, draw_order, scoring_and_probe_ids,
-                                validation_split)
+from subfit import selection as selection_module
+from subfit.compression import compress, compress_levels
+from subfit.config import VALIDATION_SAMPLES, SubFitConfig
+from subfit.selection import draw_order, scoring_and_probe_ids, validation_split
 from subfit.evaluation import mean_token_loss
 from subfit.reference import ReferenceModel
 
@@ -43,7 +46,7 @@ def calib_ids(stories, tinystories_file):
 @pytest.mark.parametrize("sparsity", [0.125, 0.1875, 0.25, 0.3125, 0.375])
 def test_budget_is_respected_at_every_level(stories, calib_ids, sparsity):
     model = stories[0]
-    plan = compress(model, sparsity, calib_ids, step=0.1875, score_samples=8, selection_draws=1, progress=False)
+    plan = compress(model, sparsity, calib_ids, **settings(step=0.1875, score_samples=8, selection_draws=1))
     acc = plan.accounting()
     attn_fraction = plan.unit_params["attn"] / plan.block_params
     assert acc["sparsity"] <= sparsity + 1e-12
@@ -57,8 +60,8 @@ def test_same_seed_same_plan(stories, tinystories_file, tmp_path):
     model, tokenizer, _ = stories
     text = tmp_path / "stories.txt"
     text.write_text(tinystories_file.read_text()[:60_000])
-    a, b = (compress(model, 0.25, text, tokenizer=tokenizer, calib_samples=12, calib_len=96, seed=7,
-                     selection_draws=1, progress=False) for _ in range(2))
+    a, b = (compress(model, 0.25, text, tokenizer=tokenizer,
+                     **settings(calib_samples=12, calib_len=96, seed=7, selection_draws=1)) for _ in range(2))
     assert a.attn == b.attn and a.ffn == b.ffn and set(a.tensors) == set(b.tensors)
     assert all(torch.equal(a.tensors[k], b.tensors[k]) for k in a.tensors)
 
@@ -78,7 +81,7 @@ def test_planted_linear_feedforward_is_chosen_and_fitted_exactly(stories_dir, ca
         mlp.up_proj.weight.copy_(torch.randn(mlp.up_proj.weight.shape[0], 16, generator=g)
                                  @ torch.randn(16, mlp.up_proj.weight.shape[1], generator=g) * 0.1)
     mlp.act_fn = Ones()  # y = down(up(x)): linear, rank 16
-    plan = compress(model, 0.15, calib_ids, ridge=1e-9, selection_draws=1, progress=False)
+    plan = compress(model, 0.15, calib_ids, **settings(ridge=1e-9, selection_draws=1))
     assert plan.removed_units() == ["ffn.2"]
     assert plan.method["bypass_errors"]["ffn.2"] < 1e-6
     ids = calib_ids[:2, :64]
@@ -87,7 +90,7 @@ def test_planted_linear_feedforward_is_chosen_and_fitted_exactly(stories_dir, ca
 
 
 def test_selection_is_submodule_level_and_non_contiguous(stories, calib_ids):
-    plan = compress(stories[0], 0.375, calib_ids, step=0.1875, score_samples=8, selection_draws=1, progress=False)
+    plan = compress(stories[0], 0.375, calib_ids, **settings(step=0.1875, score_samples=8, selection_draws=1))
     removed = plan.removed_units()
     assert removed, "nothing removed"
     # Units are chosen one submodule at a time: never forced to take a whole layer.
@@ -98,7 +101,7 @@ def test_levels_are_each_what_compress_makes(stories, calib_ids):
     """compress_levels shares the first scoring walk only: each plan is exactly compress()'s."""
     model = stories[0]
     levels = [0.3125, 0.125]
-    options = dict(step=0.125, score_samples=8, selection_draws=1, progress=False)
+    options = settings(step=0.125, score_samples=8, selection_draws=1)
     for level, plan in zip(levels, compress_levels(model, levels, calib_ids, **options)):
         alone = compress(model, level, calib_ids, **options)
         assert plan.method["sparsity"] == level and plan.accounting()["sparsity"] <= level + 1e-12
@@ -107,7 +110,7 @@ def test_levels_are_each_what_compress_makes(stories, calib_ids):
 
 
 def test_deletion_ablation_is_the_same_selection_without_bypasses(stories, calib_ids):
-    plan = compress(stories[0], 0.25, calib_ids, step=0.25, score_samples=8, selection_draws=1, progress=False)
+    plan = compress(stories[0], 0.25, calib_ids, **settings(step=0.25, score_samples=8, selection_draws=1))
     deleted = plan.without_bypasses()
     assert deleted.removed_units() == plan.removed_units() and not deleted.tensors
     assert set(deleted.attn + deleted.ffn) <= {"keep", "delete"} and deleted.method["bypass"] is False
@@ -121,8 +124,6 @@ def test_probe_sequences_are_held_out_from_the_scoring_walk(n, held_out_scoring)
     scoring, probe = scoring_and_probe_ids(ids, score_samples=8, probe_samples=2)
     assert scoring[:, 0].tolist() == list(range(held_out_scoring))
     assert probe[:, 0].tolist() == list(range(held_out_scoring, min(n, held_out_scoring + 2)))
-    scoring, probe = scoring_and_probe_ids(ids, score_samples=8, probe_samples=2, probe="in-sample")
-    assert scoring.shape[0] == min(n, 8) and torch.equal(probe, ids[:2])
 
 
 def test_validation_split_holds_out_a_seeded_subset():
@@ -168,13 +169,13 @@ def test_selection_draws_keep_the_plan_with_least_held_out_loss(stories, draw_id
         scored.append(logits_fn.plan)
         return mean_token_loss(logits_fn, windows, batch_size)
 
-    real_walk, real_effects = compress_module.walk, compress_module.output_effects
+    real_walk, real_effects = compress_module.walk, selection_module.output_effects
     monkeypatch.setattr(compress_module, "walk", walk_spy)
-    monkeypatch.setattr(compress_module, "output_effects", probe_spy)
+    monkeypatch.setattr(selection_module, "walk", walk_spy)
+    monkeypatch.setattr(selection_module, "output_effects", probe_spy)
     monkeypatch.setattr(compress_module, "mean_token_loss", loss_spy)
-    options = dict(step=0.125, score_samples=6, seed=3, progress=False)
     levels = [0.25, 0.125]
-    plans = compress_levels(model, levels, draw_ids, selection_draws=3, **options)
+    plans = compress_levels(model, levels, draw_ids, **settings(step=0.125, score_samples=6, seed=3, selection_draws=3))
     fit, held = validation_split(draw_ids, 3, seed=3)
     held_rows = {tuple(row) for row in held.tolist()}
     assert all(not held_rows & {tuple(row) for row in ids.tolist()} for ids in seen + probed)
@@ -183,24 +184,24 @@ def test_selection_draws_keep_the_plan_with_least_held_out_loss(stories, draw_id
     for i, plan in enumerate(plans):
         losses = plan.method["selection"]["validation_loss"]
         best = plan.method["selection"]["draw"]
-        assert len(losses) == 3 and losses[best] == min(losses) and plan.method["selection_draws"] == 3
+        assert len(losses) == 3 and losses[best] == min(losses) and plan.method["config"]["selection_draws"] == 3
         assert plan.removed_units() == scored[best * len(levels) + i].removed_units()
         assert mean_token_loss(ReferenceModel(model, plan), held) == pytest.approx(losses[best], rel=1e-6)
         assert plan.accounting()["sparsity"] <= levels[i] + 1e-12
     monkeypatch.undo()
-    again = compress_levels(model, levels, draw_ids, selection_draws=3, **options)
+    again = compress_levels(model, levels, draw_ids, **settings(step=0.125, score_samples=6, seed=3, selection_draws=3))
     assert [p.method["selection"] for p in again] == [p.method["selection"] for p in plans]
     assert all(torch.equal(a.tensors[k], b.tensors[k]) for a, b in zip(again, plans) for k in a.tensors)
-    first = compress_levels(model, levels, fit, selection_draws=1, **options)
+    first = compress_levels(model, levels, fit, **settings(step=0.125, score_samples=6, seed=3, selection_draws=1))
     for draw0, made in zip(first, scored[:len(levels)]):
         assert made.removed_units() == draw0.removed_units()
         assert all(torch.equal(made.tensors[k], draw0.tensors[k]) for k in draw0.tensors)
 
 
 @pytest.mark.parametrize("draws", [0, -1, 1.5, True])
-def test_selection_draws_must_be_a_count(stories, calib_ids, draws):
+def test_selection_draws_must_be_a_count(draws):
     with pytest.raises(ValueError, match="selection_draws=.* must be a whole number"):
-        compress(stories[0], 0.25, calib_ids, selection_draws=draws, progress=False)
+        SubFitConfig(selection_draws=draws)
 
 
 def test_output_kl_is_probed_on_sequences_the_scoring_walk_did_not_fit(stories, calib_ids, monkeypatch):
@@ -210,41 +211,14 @@ def test_output_kl_is_probed_on_sequences_the_scoring_walk_did_not_fit(stories, 
         probed.append(probe_ids)
         return real(decoder, probe_ids, *args, **kwargs)
 
-    real = compress_module.output_effects
-    monkeypatch.setattr(compress_module, "output_effects", recording)
-    plan = compress(stories[0], 0.25, calib_ids, step=0.25, score_samples=8, selection_draws=1, progress=False)
+    real = selection_module.output_effects
+    monkeypatch.setattr(selection_module, "output_effects", recording)
+    plan = compress(stories[0], 0.25, calib_ids, **settings(step=0.25, score_samples=8, selection_draws=1))
     assert probed and all(torch.equal(ids, calib_ids[8:10]) for ids in probed)
-    assert plan.method["probe"] == "held-out" and plan.method["probe_samples"] == 2
-    with pytest.raises(ValueError, match="Unknown probe"):
-        compress(stories[0], 0.25, calib_ids, probe="training", progress=False)
+    assert plan.method["probe_samples"] == 2
 
 
-def test_run_target_refits_the_same_selection(stories, calib_ids):
-    """`bypass_target` changes the final fit only: the same units go, the first bypass (nothing
-    before it to correct) is the same map, and the second of two adjacent bypasses is not. The run
-    target is the default."""
-    options = dict(step=0.25, score_samples=8, selection_draws=1, progress=False)
-    run = compress(stories[0], 0.5, calib_ids, **options)
-    unit = compress(stories[0], 0.5, calib_ids, bypass_target="unit", **options)
-    assert run.removed_units() == unit.removed_units() and run.method["bypass_target"] == "run"
-    removed = unit.removed_units()
-    pairs = [(a, b) for a, b in zip(removed, removed[1:]) if _adjacent(a, b)]
-    assert pairs, f"no two adjacent bypasses to compare in {removed}"
-    first, second = f"{removed[0]}.up", f"{pairs[0][1]}.up"
-    assert torch.allclose(run.tensors[first], unit.tensors[first], rtol=1e-3, atol=1e-5)
-    gap = (run.tensors[second] - unit.tensors[second]).norm() / unit.tensors[second].norm()
-    assert gap > 1e-2
-    with pytest.raises(ValueError, match="Unknown bypass_target"):
-        compress(stories[0], 0.25, calib_ids, bypass_target="block", progress=False)
-
-
-def _adjacent(a: str, b: str) -> bool:
-    """attn.i -> ffn.i, or ffn.i -> attn.(i+1): consecutive units in depth order."""
-    (ka, ia), (kb, ib) = a.split("."), b.split(".")
-    return (ka, kb, int(ib) - int(ia)) in (("attn", "ffn", 0), ("ffn", "attn", 1))
-
-
-@pytest.mark.parametrize("sparsity", [-0.1, 0.9, float("nan"), 0.01])
+@pytest.mark.parametrize("sparsity", [-0.1, 0.9, float("nan"), 0.01, True])
 def test_sparsity_out_of_range_is_refused(stories, calib_ids, sparsity):
     with pytest.raises(ValueError, match="sparsity"):
         compress(stories[0], sparsity, calib_ids, progress=False)
@@ -255,7 +229,7 @@ def test_too_little_calibration_text_is_refused(stories, tmp_path):
     short = tmp_path / "short.txt"
     short.write_text("Once upon a time there was a cat.\n\nThe end.")
     with pytest.raises(CalibrationError, match="Give more text"):
-        compress(model, 0.25, short, tokenizer=tokenizer, calib_samples=4, calib_len=64, progress=False)
+        compress(model, 0.25, short, tokenizer=tokenizer, **settings(calib_samples=4, calib_len=64, selection_draws=1))
 
 
 def test_unsupported_architecture_is_refused(tmp_path):
@@ -270,7 +244,7 @@ def test_unsupported_architecture_is_refused(tmp_path):
 def test_every_family_compresses(family, family_model_dir):
     model, _, _ = models.load(family_model_dir(family))
     ids = torch.randint(0, 512, (8, 48), generator=torch.Generator().manual_seed(0))
-    plan = compress(model, 0.25, ids, step=0.1875, selection_draws=1, progress=False)
+    plan = compress(model, 0.25, ids, **settings(step=0.1875, selection_draws=1))
     assert plan.removed_units()
     logits = ReferenceModel(model, plan)(ids[:1])
     assert torch.isfinite(logits).all()

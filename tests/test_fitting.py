@@ -2,13 +2,14 @@
 import torch
 
 from subfit.fitting import full_fit, fit_in_basis, reduced_rank_fit, shared_basis
-from subfit.stats import UnitStats, token_weights
+from subfit.selection import token_weights
+from subfit.stats import UnitStats, uniform_weights
 
 
-def _stats(x, y, weighting="uniform"):
+def _stats(x, y, weights=uniform_weights):
     s = UnitStats(x.shape[1], y.shape[1], "cpu")
     for xb, yb in zip(x.split(300), y.split(300)):  # streamed in batches, like a calibration walk
-        s.add(xb, yb, xb, token_weights(xb, weighting))
+        s.add(xb, yb, xb, weights(xb))
     return s
 
 
@@ -33,11 +34,11 @@ def test_reduced_rank_fit_error_formula_matches_activations():
     """The error computed from moments alone equals the error measured on the data."""
     x, w, bias = _planted()
     y = x @ w + bias + 0.3 * torch.randn(x.shape, generator=torch.Generator().manual_seed(5))
-    for weighting in ("uniform", "per_token"):
-        stats = _stats(x, y, weighting)
+    for weights in (uniform_weights, token_weights):
+        stats = _stats(x, y, weights)
         fit = reduced_rank_fit(stats.moments(), rank=3, ridge=1e-3)
         resid = y.double() - (x.double() @ fit.down @ fit.up + fit.bias)
-        wts = token_weights(x, weighting)
+        wts = weights(x)
         measured = float((wts * resid.pow(2).sum(-1)).sum() / wts.sum())
         assert abs(measured - fit.error) <= 1e-6 * measured
 

@@ -20,8 +20,11 @@ LEVELS = (0.25, 0.375)
 def make_plans(model, tokenizer, text: Path):
     from subfit.compression import compress_levels
 
-    return compress_levels(model, LEVELS, text, tokenizer=tokenizer, calib_samples=30, calib_len=64, seed=3,
-                           score_samples=6, selection_draws=3, progress=False)
+    from subfit.config import DevOptions, SubFitConfig
+
+    return compress_levels(model, LEVELS, text, tokenizer=tokenizer, progress=False,
+                           config=SubFitConfig(calib_samples=30, calib_len=64, seed=3, selection_draws=3),
+                           dev=DevOptions(score_samples=6))
 
 
 def fingerprint(plan) -> dict:

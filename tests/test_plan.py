@@ -4,6 +4,7 @@ import json
 
 import pytest
 import torch
+from compress_settings import settings
 from safetensors.torch import load_file, save_file
 
 from subfit import models
@@ -14,8 +15,8 @@ from subfit.plan import Plan, PlanError
 @pytest.fixture(scope="module")
 def small_plan(stories, tinystories_file):
     model, tokenizer, _ = stories
-    return compress(model, 0.25, tinystories_file, tokenizer=tokenizer, calib_samples=16, calib_len=128,
-                    selection_draws=1, progress=False)
+    return compress(model, 0.25, tinystories_file, tokenizer=tokenizer,
+                    **settings(calib_samples=16, calib_len=128, selection_draws=1))
 
 
 def test_plan_round_trips(small_plan, tmp_path):

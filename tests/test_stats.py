@@ -2,10 +2,10 @@
 import pytest
 import torch
 
-from subfit.compression import _as_bypass
 from subfit.fitting import reduced_rank_fit
 from subfit.models import Decoder
-from subfit.stats import token_weights, walk
+from subfit.selection import as_bypass, token_weights
+from subfit.stats import walk
 
 
 @pytest.fixture(scope="module")
@@ -26,10 +26,10 @@ def _walk_streams(decoder, calib_ids, removed, target, bypasses=None):
     def fit(kind, layer, s):
         if bypasses is not None:
             return bypasses[(kind, layer)]
-        return _as_bypass(reduced_rank_fit(s.moments(), decoder.hidden_size, 1e-6))
+        return as_bypass(reduced_rank_fit(s.moments(), decoder.hidden_size, 1e-6))
 
     stats = walk(decoder, calib_ids, actions={u: "bypass" for u in removed}, hooks=[hook], target=target,
-                 fit=fit, batch_size=4, progress=False)
+                 fit=fit, weights=token_weights, batch_size=4, progress=False)
     return {u: torch.cat(hs) for u, hs in after.items()}, stats
 
 
@@ -39,38 +39,13 @@ def _target_gap(stats_a, stats_b, unit) -> float:
     return float((stats_a[unit].xy - stats_b[unit].xy).norm() / stats_b[unit].xy.norm())
 
 
-def test_dense_target_equals_unit_target_before_any_drift(stories, calib_ids):
-    """The first bypassed unit sees the dense stream, so both targets are its own output."""
-    decoder = Decoder(stories[0])
-    removed = [("ffn", 1), ("attn", 3)]
-    _, unit = _walk_streams(decoder, calib_ids, removed, "unit")
-    _, dense = _walk_streams(decoder, calib_ids, removed, "dense")
-    assert _target_gap(dense, unit, ("ffn", 1)) < 1e-4
-    assert _target_gap(dense, unit, ("attn", 3)) > 1e-2
-
-
-def test_dense_target_pulls_the_stream_back_to_the_dense_model(stories, calib_ids):
-    """A full-rank dense-target bypass is the affine map that brings the stream right after it
-    closest to the dense stream (in the per-token metric), so it must beat the unit target there."""
-    decoder = Decoder(stories[0])
-    removed = [("attn", 1), ("ffn", 1), ("ffn", 2)]
-    reference, _ = _walk_streams(decoder, calib_ids, [], "unit")
-    errors = {}
-    for target in ("unit", "dense"):
-        streams, _ = _walk_streams(decoder, calib_ids, removed, target)
-        h, dense_h = streams[("ffn", 2)], reference[("ffn", 2)]
-        weights = token_weights(streams[("attn", 2)], "per_token")  # the fit's: of the stream it adds to
-        errors[target] = float((weights * (h - dense_h).double().pow(2).sum(-1)).sum())
-    assert errors["dense"] < 0.99 * errors["unit"], errors
-
-
 def test_run_target_is_the_unit_target_for_a_lone_unit(stories, calib_ids):
     """Only adjacent bypassed units form a run: a lone one after earlier removals (drift) is still
     fitted to its own output, while the second unit of a run is not."""
     decoder = Decoder(stories[0])
     removed = [("attn", 1), ("ffn", 1), ("ffn", 3)]
     _, unit = _walk_streams(decoder, calib_ids, removed, "unit")
-    fixed = {u: _as_bypass(reduced_rank_fit(unit[u].moments(), 16, 1e-3)) for u in removed}
+    fixed = {u: as_bypass(reduced_rank_fit(unit[u].moments(), 16, 1e-3)) for u in removed}
     _, unit = _walk_streams(decoder, calib_ids, removed, "unit", fixed)
     _, run = _walk_streams(decoder, calib_ids, removed, "run", fixed)
     assert _target_gap(run, unit, ("attn", 1)) < 1e-4 and _target_gap(run, unit, ("ffn", 3)) < 1e-4
@@ -87,7 +62,7 @@ def test_run_target_fits_the_block_from_the_runs_start(stories, calib_ids):
     for target in ("unit", "run"):
         streams, _ = _walk_streams(decoder, calib_ids, before + run, target)
         h, real_h = streams[("attn", 3)], reference[("attn", 3)]
-        weights = token_weights(streams[("ffn", 2)], "per_token")  # the fit's: of the stream it adds to
+        weights = token_weights(streams[("ffn", 2)])  # the fit's: of the stream it adds to
         errors[target] = float((weights * (h - real_h).double().pow(2).sum(-1)).sum())
     assert errors["run"] < 0.99 * errors["unit"], errors
 

@@ -1,6 +1,7 @@
-"""The quality sweep presets: `python bench/sweep/run_sweep.py stories260k|smollm2 [--print]`.
+"""The quality sweep presets: `python bench/sweep/run_sweep.py stories260k|smollm2 [--print] [FLAGS]`.
 
-Each preset is one `subfit sweep` command (printed before it runs; `--print` prints it only).
+Each preset is one `subfit sweep` command (printed before it runs; `--print` prints it only; later
+flags win).
 Results go to bench/results/sweep_<preset>.{json,md} and _quality.png/_layers.png; plans,
 statistics and evaluations are cached under plans/sweep_<preset>/ (git-ignored), so running the
 same preset again after an interruption resumes where it stopped.
@@ -12,9 +13,9 @@ smollm2: the reference protocol: SmolLM2-135M-Instruct (embedded GGUF), calibrat
     examples of each task (dense perplexity about 22.55). The committed results were run with
     `--limit 100` (later flags win) to fit CPU time: 100 examples per task, every method.
 
-Both presets pin SubFit's selection as the committed sweeps made it (one draw, 32 scoring
-sequences), which predates compress's default of three draws on 272 sequences with 64 scored;
-`--calib-samples 272 --score-samples 64 --selection-draws 3` runs the current default.
+Both presets pin SubFit's selection as the committed sweeps made it (one draw on 128 sequences, 32
+scored); `--calib-samples 272 --subfit selection_draws=3 score_samples=64` runs compress's default
+selection (bench/results/default_draws_smollm2.md).
 """
 from __future__ import annotations
 
@@ -28,7 +29,7 @@ ASSETS = Path(os.environ.get("SUBFIT_ASSETS", ROOT.parent / "shared" / "assets")
 DATA = ASSETS / "data"
 TASK_FILES = [str(DATA / "mc_eval" / f"{t}.jsonl") for t in
               ("piqa", "arc_easy", "arc_challenge", "winogrande", "lambada_openai")]
-PINNED_SELECTION = ["--score-samples", "32", "--selection-draws", "1"]
+PINNED_SELECTION = ["--subfit", "score_samples=32", "selection_draws=1"]
 
 
 def split_halves(source: Path, folder: Path) -> tuple[Path, Path]:
@@ -67,13 +68,13 @@ def preset(name: str) -> list[str]:
 def main(argv: list[str]) -> int:
     if not argv or argv[0] not in ("stories260k", "smollm2"):
         raise SystemExit(__doc__)
-    args = ["sweep", *preset(argv[0]), *[a for a in argv[1:] if a != "--print"]]
-    print("subfit " + " ".join(shlex.quote(a) for a in args), flush=True)
+    args = [*preset(argv[0]), *[a for a in argv[1:] if a != "--print"]]
+    print("subfit sweep " + " ".join(shlex.quote(a) for a in args), flush=True)
     if "--print" in argv:
         return 0
-    from subfit.cli import main as subfit_main
+    from sweep import main as sweep_main
 
-    return subfit_main(args)
+    return sweep_main(args)
 
 
 if __name__ == "__main__":

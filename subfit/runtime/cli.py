@@ -6,6 +6,8 @@ import sys
 import time
 from pathlib import Path
 
+from subfit.argtypes import positive_int, probability, sparsity, temperature
+
 GENERATE_EXAMPLES = """examples:
   subfit generate plans/smollm2-25 --prompt "Once upon a time" --max-new-tokens 100
   subfit generate plans/smollm2-25 --prompt "The capital of France is" --temperature 0.7 --top-p 0.9 --seed 0
@@ -20,25 +22,6 @@ BENCH_EXAMPLES = """examples:
   subfit bench --threads 1 --rounds 5             # CPU: one thread is steadier on a busy machine
 """
 DTYPES = ("float32", "float16", "bfloat16")
-
-
-def number(convert, valid, expected: str):
-    """An argparse type: `convert` the text, and refuse it unless `valid(value)`, saying what was expected."""
-    def parse(text: str):
-        try:
-            value = convert(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"expected {expected}, got {text!r}") from None
-        if not valid(value):
-            raise argparse.ArgumentTypeError(f"expected {expected}, got {text}")
-        return value
-    return parse
-
-
-positive_int = number(int, lambda v: v >= 1, "a positive integer")
-_temperature = number(float, lambda v: v >= 0, "a temperature >= 0 (0 = greedy)")
-_probability = number(float, lambda v: 0 < v <= 1, "a top-p in (0, 1]")
-_sparsity = number(float, lambda v: 0 < v < 1, "a sparsity in (0, 1)")
 
 
 def _common(p: argparse.ArgumentParser) -> None:
@@ -62,16 +45,16 @@ def add_commands(subparsers) -> None:
     _common(p)
     p.add_argument("--prompt", required=True, help="text to continue")
     p.add_argument("--max-new-tokens", type=positive_int, default=64, help="tokens to generate (default 64)")
-    p.add_argument("--temperature", type=_temperature, default=0.0, help="0 = greedy (default)")
+    p.add_argument("--temperature", type=temperature, default=0.0, help="0 = greedy (default)")
     p.add_argument("--top-k", type=positive_int, default=None, help="sample from the k most likely tokens")
-    p.add_argument("--top-p", type=_probability, default=None, help="nucleus sampling mass, e.g. 0.9")
+    p.add_argument("--top-p", type=probability, default=None, help="nucleus sampling mass, e.g. 0.9")
     p.add_argument("--seed", type=int, default=None, help="seed for sampling")
     p.set_defaults(run=run_generate)
 
     p = subparsers.add_parser("bench", help="decode latency: transformers vs the runtime (dense and plans)",
                               epilog=BENCH_EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
     _common(p)
-    p.add_argument("--synthetic", type=_sparsity, nargs="*", default=[],
+    p.add_argument("--synthetic", type=sparsity, nargs="*", default=[],
                    help="also time shape-only plans at these sparsities (random bypass weights)")
     p.add_argument("--prompt-len", type=positive_int, default=64, help="prompt tokens (default 64)")
     p.add_argument("--new-tokens", type=positive_int, default=32, help="tokens generated per round (default 32)")

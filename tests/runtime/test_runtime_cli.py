@@ -39,7 +39,7 @@ def test_generate_plan_with_sampling(stories, plan_of, tmp_path, capsys):
     (["generate", "x", "--prompt", "a", "--top-p", "1.5"], "a top-p in (0, 1]"),
     (["generate", "x", "--prompt", "a", "--dtype", "int8"], "invalid choice"),
     (["generate", "x"], "--prompt"),
-    (["bench", "--synthetic", "1.5"], "a sparsity in (0, 1)"),
+    (["bench", "--synthetic", "1.5"], "a sparsity (fraction of transformer-block parameters) between 0 and 0.75"),
 ])
 def test_bad_arguments(argv, message, capsys):
     with pytest.raises(SystemExit):

@@ -3,6 +3,7 @@ recompute, Hugging Face modules), the empty plan equals Hugging Face `generate`,
 stay close, and batching never changes a sequence's tokens."""
 import pytest
 import torch
+from compress_settings import settings
 
 from subfit.models import Decoder, load
 from subfit.plan import Plan
@@ -127,7 +128,7 @@ def test_real_compressed_plan(stories, stories_dir, tmp_path):
         pytest.skip(f"asset {text} not found: set SUBFIT_ASSETS to the shared assets folder")
     model, tokenizer, _ = stories
     calib = torch.tensor(tokenizer(text.read_text()[:30_000]).input_ids[: 16 * 64]).view(16, 64)
-    plan = compress(model, 0.375, calib, step=0.75, score_samples=4, selection_draws=1, progress=False)
+    plan = compress(model, 0.375, calib, **settings(step=0.75, score_samples=4, selection_draws=1))
     assert plan.removed_units()
     plan.save(tmp_path / "plan")
     runtime = Runtime.from_hf(model, Plan.load(tmp_path / "plan"), tokenizer, max_seq_len=64)

@@ -1,0 +1,121 @@
+"""The settings of a compression, in two small objects, and the checks they must pass.
+
+`SubFitConfig` holds what a user tunes (how much calibration, the seed, bypass ranks, the ridge,
+selection draws, the device); every plan records it. `DevOptions` holds the method's ablations
+and development settings, which only the quality sweep and experiments change. Both are checked
+when they are made, before any model is loaded, so a bad value never costs a compress run.
+
+Torch-free on purpose: the command line parses and checks arguments without importing torch.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass
+
+MAX_SPARSITY = 0.75  # beyond this fraction of block parameters no method here yields a usable model
+VALIDATION_SAMPLES = 16  # calibration sequences held out to choose between selection draws
+CALIB_SAMPLES = 256 + VALIDATION_SAMPLES  # default: 256 to fit on, 16 to choose between draws
+STEP = 1 / 32  # sparsity committed per scoring walk (4 walks at 12.5%, 8 at 25%, 12 at 37.5%)
+GRANULARITIES = ("unit", "layer")
+
+
+def _is_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_real(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def check_sparsity(value) -> float:
+    """A target sparsity: the fraction of transformer-block parameters to remove, 0 to MAX_SPARSITY."""
+    if not _is_real(value) or not 0.0 <= value <= MAX_SPARSITY:
+        raise ValueError(f"sparsity={value!r} is out of range: give a fraction of transformer-block parameters "
+                         f"between 0 and {MAX_SPARSITY} (e.g. 0.125, 0.25, 0.375).")
+    return float(value)
+
+
+def _require(ok: bool, message: str) -> None:
+    if not ok:
+        raise ValueError(message)
+
+
+@dataclass(frozen=True)
+class SubFitConfig:
+    """What a user tunes. Defaults: 272 x 512 calibration tokens (256 to fit on, 16 held out to
+    choose between three selection draws), attention bypass rank hidden/8, FeedForward basis rank
+    hidden/2, ridge 1e-3 of the mean input variance."""
+
+    calib_samples: int = CALIB_SAMPLES  # calibration sequences
+    calib_len: int = 512  # tokens per sequence
+    seed: int = 0  # calibration sampling, draws' orders
+    attn_rank: int | None = None  # attention bypass rank (None: hidden/8)
+    ffn_rank: int | None = None  # rank of the FeedForward bypasses' shared input basis (None: hidden/2)
+    ridge: float = 1e-3  # relative to the mean input variance of each solve
+    selection_draws: int = 3  # greedy selections on other scoring sequences; the best on held-out text is kept
+    device: str | None = None  # where the layer-by-layer walk runs (None: the model's device)
+
+    def __post_init__(self) -> None:
+        _require(_is_int(self.calib_samples) and self.calib_samples >= 1,
+                 f"calib_samples={self.calib_samples!r} must be a whole number of sequences >= 1.")
+        _require(_is_int(self.calib_len) and self.calib_len >= 2,
+                 f"calib_len={self.calib_len!r} must be a whole number of tokens >= 2.")
+        _require(_is_int(self.seed), f"seed={self.seed!r} must be a whole number.")
+        for name in ("attn_rank", "ffn_rank"):
+            rank = getattr(self, name)
+            _require(rank is None or (_is_int(rank) and rank >= 1),
+                     f"{name}={rank!r} must be a whole number >= 1, or None for the default.")
+        _require(_is_real(self.ridge) and self.ridge > 0,
+                 f"ridge={self.ridge!r} must be a positive number (e.g. 1e-3): it keeps every solve well conditioned.")
+        _require(_is_int(self.selection_draws) and self.selection_draws >= 1,
+                 f"selection_draws={self.selection_draws!r} must be a whole number >= 1 (1: one greedy selection).")
+        _require(self.selection_draws == 1 or self.calib_samples >= VALIDATION_SAMPLES + 2,
+                 f"selection_draws={self.selection_draws} holds out {VALIDATION_SAMPLES} calibration sequences to "
+                 f"choose between draws and needs at least 2 more to fit on, but calib_samples={self.calib_samples}. "
+                 f"Give more calibration (--calib-samples) or use one draw (--selection-draws 1).")
+        _require(self.device is None or isinstance(self.device, str),
+                 f"device={self.device!r} must be a device name such as 'cpu' or 'cuda', or None.")
+
+    def ranks(self, hidden_size: int) -> dict[str, int]:
+        """Bypass ranks for a model of `hidden_size`: attention hidden/8 and FeedForward hidden/2 by
+        default (multiples of 8), so bypasses stay about a tenth of what they replace."""
+        return {"attn": self.attn_rank or max(8, 8 * round(hidden_size / 64)),
+                "ffn": self.ffn_rank or max(8, 8 * round(hidden_size / 16))}
+
+    def record(self) -> dict:
+        """What a plan stores: `SubFitConfig(**plan.method["config"])` makes the same config."""
+        return asdict(self)
+
+
+@dataclass(frozen=True)
+class DevOptions:
+    """Ablations and development settings of the method (the quality sweep's variants).
+
+    granularity="layer" removes whole layers, contiguous=True one contiguous run of units,
+    bypass=False deletes the chosen units instead of fitting bypasses. The rest set the greedy:
+    `step` of sparsity committed per scoring walk, `score_samples` sequences per scoring walk,
+    `shortlist` units per walk re-ranked by their output KL on `probe_samples` held-out sequences,
+    and `batch_size` sequences per forward of a walk (memory, not results)."""
+
+    granularity: str = "unit"
+    contiguous: bool = False
+    bypass: bool = True
+    step: float = STEP
+    score_samples: int = 64
+    probe_samples: int = 2
+    shortlist: int = 24
+    batch_size: int = 8
+
+    def __post_init__(self) -> None:
+        _require(self.granularity in GRANULARITIES,
+                 f"granularity={self.granularity!r}: choose one of {', '.join(GRANULARITIES)}.")
+        for name in ("contiguous", "bypass"):
+            _require(isinstance(getattr(self, name), bool), f"{name}={getattr(self, name)!r} must be True or False.")
+        _require(_is_real(self.step) and 0 < self.step <= MAX_SPARSITY,
+                 f"step={self.step!r} must be in (0, {MAX_SPARSITY}]: the sparsity committed per scoring walk.")
+        for name in ("score_samples", "probe_samples", "shortlist", "batch_size"):
+            value = getattr(self, name)
+            _require(_is_int(value) and value >= 1, f"{name}={value!r} must be a whole number >= 1.")
+
+    def record(self) -> dict:
+        return asdict(self)
