@@ -223,8 +223,8 @@ def add_sweep(sub) -> None:
 
 
 def run_sweep(args) -> int:
-    """The sweep is a research tool that ships with the source repository (it plots with
-    plotting libraries and reads the benchmark assets), not with the package: run it from the checkout."""
+    """The sweep is a research tool that ships with the source repository (it draws plots and
+    reads the benchmark assets), not with the package: run it from the checkout."""
     if not SWEEP_SCRIPT.is_file():
         raise SystemExit("error: `subfit sweep` runs bench/sweep/sweep.py from a source checkout of subfit, and this "
                          "installation has none. Clone the repository and `pip install -e \".[dev]\"` there.")
