@@ -9,6 +9,7 @@ step, so removals that interact are seen together.
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 
@@ -16,7 +17,7 @@ from subfit.config import VALIDATION_SAMPLES
 from subfit.fitting import LinearFit, reduced_rank_fit
 from subfit.models import UNIT_KINDS, Decoder
 from subfit.plan import Bypass, Plan
-from subfit.stats import Unit, walk
+from subfit.stats import Checkpoints, Unit, UnitStats, walk
 
 Group = tuple[Unit, ...]  # units removed together: one unit, or a whole layer's two
 
@@ -210,10 +211,28 @@ def output_effects(
 # ---------------------------------------------------------------------------------------------
 # the greedy
 # ---------------------------------------------------------------------------------------------
+@dataclass
+class _Walk:
+    """What a scoring walk leaves for the walks after it."""
+
+    removed: frozenset[Unit]
+    stats: dict[Unit, UnitStats]  # every unit's, kept and bypassed
+    fits: dict[Unit, LinearFit]  # each kept unit's candidate bypass
+    bypasses: dict[Unit, Bypass]  # the bypasses of the removed units, as this walk fitted them
+    checkpoints: Checkpoints
+
+
+CHECKPOINTS_PER_WALK = 6  # streams kept per walk (each = calibration tokens x hidden x 4 bytes)
+
+
 class Selector:
     """Greedy selection by scoring walks: each walk runs the model with the removals so far
     bypassed, fits a candidate bypass to every kept unit and scores it; the most promising by local
-    score are re-ranked by their output KL on the probe sequences."""
+    score are re-ranked by their output KL on the probe sequences.
+
+    A walk starts where it differs from the walk before it in the trajectory: everything in front
+    of the first newly removed unit (its stream, statistics and fits) is that walk's, exactly, so
+    it is resumed from the nearest checkpoint instead of recomputed."""
 
     def __init__(self, decoder: Decoder, groups: list[Group], sizes: dict[Group, int], ranks: dict[str, int],
                  ridge: float, scoring_ids: torch.Tensor, probe_ids: torch.Tensor, shortlist: int,
@@ -221,43 +240,65 @@ class Selector:
         self.decoder, self.groups, self.sizes, self.ranks, self.ridge = decoder, groups, sizes, ranks, ridge
         self.scoring_ids, self.probe_ids, self.shortlist = scoring_ids, probe_ids, shortlist
         self.walk_args = dict(walk_args, weights=token_weights)
+        self.checkpoint_every = math.ceil(decoder.num_layers / CHECKPOINTS_PER_WALK)
         self.walks = 0
-        # A walk's statistics are two float64 d x d matrices per unit (2 GB on Llama-3.2-1B, 17 GB
-        # on a 32-layer 7B model): the first walk is cached only when several levels will reuse it.
+        # The first walk (nothing removed) is the same for every level: kept, with its checkpoints,
+        # while several levels will start from it.
         self.reuse_first_walk = reuse_first_walk
-        self.first_walk: dict[bool, tuple[dict[Group, float], dict]] = {}
+        self.first: _Walk | None = None
+        self.first_scores: dict[bool, dict[Group, float]] = {}
+        self.last: _Walk | None = None
 
-    def candidate_fit(self, kind: str, stats) -> LinearFit:
+    def candidate_fit(self, kind: str, stats: UnitStats) -> LinearFit:
         return reduced_rank_fit(stats.moments(), self.ranks[kind], self.ridge)
 
-    def score(self, removed: list[Unit], every_group: bool) -> tuple[dict[Group, float], dict]:
-        """One walk with `removed` bypassed: the damage score of every kept group (of the shortlist,
-        unless `every_group`), and the walk's statistics. The first walk (nothing removed) is the
-        same for every level and is made once when several levels share it."""
-        if not removed and every_group in self.first_walk:
-            return self.first_walk[every_group]
-        self.walks += 1
-        bypasses: dict[Unit, Bypass] = {}
-        kept = [g for g in self.groups if g[0] not in removed]
+    def _walk(self, removed: list[Unit]) -> _Walk:
+        """The scoring walk with `removed` bypassed, resumed from the trajectory's last walk."""
+        parent = self.last if removed else None
+        new = [u for u in removed if parent is None or u not in parent.removed]
+        start = parent.checkpoints.resume_layer(min(layer for _, layer in new)) if parent and new else 0
+        kept = [u for g in self.groups for u in g if g[0] not in removed]
+        bypasses = {u: b for u, b in parent.bypasses.items() if u[1] < start} if parent else {}
 
         def fit_removed(kind: str, layer: int, stats) -> Bypass:
             bypasses[(kind, layer)] = as_bypass(self.candidate_fit(kind, stats))
             return bypasses[(kind, layer)]
 
+        self.walks += 1
+        record = Checkpoints(self.checkpoint_every)
         stats = walk(self.decoder, self.scoring_ids, actions={u: "bypass" for u in removed}, fit=fit_removed,
-                     collect=[u for g in kept for u in g], desc=f"scoring walk {self.walks}", **self.walk_args)
-        fits = {u: self.candidate_fit(u[0], stats[u]) for g in kept for u in g}
-        local = {g: sum(stats[u].relative_error(fits[u].error) for u in g) / self.sizes[g] for g in kept}
+                     collect=[u for u in kept if u[1] >= start], desc=f"scoring walk {self.walks}",
+                     resume=parent.checkpoints if parent else None, start_layer=start, record=record,
+                     **self.walk_args)
+        fits = {u: self.candidate_fit(u[0], stats[u]) for u in kept if u[1] >= start}
+        if parent:
+            stats.update({u: st for u, st in parent.stats.items() if u[1] < start})
+            fits.update({u: parent.fits[u] for u in kept if u[1] < start})
+        return _Walk(frozenset(removed), stats, fits, bypasses, record)
+
+    def score(self, removed: list[Unit], every_group: bool) -> tuple[dict[Group, float], dict]:
+        """One walk with `removed` bypassed: the damage score of every kept group (of the shortlist,
+        unless `every_group`), and the walk's statistics. The first walk (nothing removed) is the
+        same for every level and is made once when several levels share it."""
+        if not removed and self.first is not None and every_group in self.first_scores:
+            self.last = self.first
+            return self.first_scores[every_group], self.first.stats
+        current = self.first if not removed and self.first is not None else self._walk(removed)
+        kept = [g for g in self.groups if g[0] not in removed]
+        local = {g: sum(current.stats[u].relative_error(current.fits[u].error) for u in g) / self.sizes[g]
+                 for g in kept}
         # Only the most promising groups by local score pay for forward passes, unless every
         # group must be scored alike (a contiguous run).
         if not every_group:
             kept = sorted(kept, key=local.__getitem__)[:max(1, self.shortlist // len(kept[0]))]
-        unit_scores = output_effects(self.decoder, self.probe_ids, bypasses,
-                                     {u: as_bypass(fits[u]) for g in kept for u in g})
-        result = {g: sum(unit_scores[u] for u in g) for g in kept}, stats
+        unit_scores = output_effects(self.decoder, self.probe_ids, current.bypasses,
+                                     {u: as_bypass(current.fits[u]) for g in kept for u in g})
+        scores = {g: sum(unit_scores[u] for u in g) for g in kept}
         if not removed and self.reuse_first_walk:
-            self.first_walk[every_group] = result
-        return result
+            self.first = current
+            self.first_scores[every_group] = scores
+        self.last = current
+        return scores, current.stats
 
     def trajectory(self, quota: int, step: int) -> tuple[list[Unit], dict]:
         """Greedy removal up to `quota` parameters: each walk plans the room left (the mix of
@@ -268,7 +309,6 @@ class Selector:
         removed: list[Unit] = []
         used, stats = 0, {}
         for mark in [k * step for k in range(1, math.ceil(quota / step))] + [quota] if quota else []:
-            stats = {}  # free the last walk's statistics before the next walk gathers its own
             scores, stats = self.score(removed, every_group=False)
             planned = greedy_select(scores, self.sizes, quota - used)
             for group in sorted(planned, key=lambda g: scores[g] / self.sizes[g]):

@@ -7,6 +7,7 @@ every fit sees the inputs that the compressed earlier layers really give it.
 """
 from __future__ import annotations
 
+from dataclasses import dataclass, field
 from typing import Callable, Iterable
 
 import torch
@@ -40,13 +41,16 @@ class UnitStats:
         self.tokens = 0
 
     def add(self, x: torch.Tensor, y: torch.Tensor, hidden: torch.Tensor, w: torch.Tensor) -> None:
-        x, y, w = x.reshape(-1, x.shape[-1]).double(), y.reshape(-1, y.shape[-1]).double(), w.reshape(-1, 1)
+        d_in = x.shape[-1]
+        xy = torch.cat([x.reshape(-1, d_in), y.reshape(-1, y.shape[-1])], 1).double()  # one GEMM for both
+        x, y, w = xy[:, :d_in], xy[:, d_in:], w.reshape(-1, 1)
         wx = w * x
         self.weight += w.sum()
         self.sum_x += wx.sum(0)
         self.sum_y += (w * y).sum(0)
-        self.xx += wx.T @ x
-        self.xy += wx.T @ y
+        gram = wx.T @ xy
+        self.xx += gram[:, :d_in]
+        self.xy += gram[:, d_in:]
         self.yy += (w * y.pow(2)).sum()
         self.energy += (w[:, 0] * hidden.reshape(-1, hidden.shape[-1]).double().pow(2).sum(-1)).sum()
         self.tokens += x.shape[0]
@@ -71,6 +75,21 @@ class UnitStats:
 Hook = Callable[[str, int, torch.Tensor, torch.Tensor], None]  # (kind, layer, h_before, h_after)
 
 
+@dataclass
+class Checkpoints:
+    """A walk's residual stream (every batch) in front of every `every`-th layer. A later walk
+    whose units before such a layer act exactly as in this one has the same stream there, so it
+    resumes from it instead of from the embeddings: the greedy's next walk changes only the
+    layers from its first newly removed unit on."""
+
+    every: int
+    streams: dict[int, list[torch.Tensor]] = field(default_factory=dict)
+
+    def resume_layer(self, first_changed_layer: int) -> int:
+        """The latest checkpointed layer at or before `first_changed_layer` (0: from the embeddings)."""
+        return max((layer for layer in self.streams if layer <= first_changed_layer), default=0)
+
+
 @torch.no_grad()
 def walk(
     decoder: Decoder,
@@ -86,6 +105,9 @@ def walk(
     progress: bool = True,
     desc: str = "layers",
     target: str = "unit",
+    resume: Checkpoints | None = None,
+    start_layer: int = 0,
+    record: Checkpoints | None = None,
 ) -> dict[Unit, UnitStats]:
     """Push calibration tokens through the model layer by layer.
 
@@ -103,9 +125,15 @@ def walk(
     fitted to the block's output does); a lone bypassed unit gets its own output, as with "unit".
     Scoring walks fit candidates to "unit"; compress's final fit uses "run", which measured better
     at every level (docs/method.md).
+
+    `start_layer` > 0 resumes from `resume`'s stream in front of that layer (the caller vouches
+    that the units before it act as they did there); only the units from it on are walked and
+    returned. `record` keeps this walk's streams (those before `start_layer` are `resume`'s).
     """
     if target not in TARGETS:
         raise ValueError(f"Unknown target {target!r}; choose one of {TARGETS}.")
+    if start_layer and (resume is None or start_layer not in resume.streams or target != "unit"):
+        raise ValueError(f"Resuming at layer {start_layer} needs a checkpoint there and unit targets.")
     actions = actions or {}
     collect = set(collect)
     hooks = list(hooks)
@@ -115,12 +143,16 @@ def walk(
     home = next(decoder.model.parameters()).device
     decoder.body.embed_tokens.to(device)
     decoder.body.rotary_emb.to(device)
-    hidden = [decoder.embed(b) for b in batches]
+    hidden = list(resume.streams[start_layer]) if start_layer else [decoder.embed(b) for b in batches]
     positions = torch.arange(calib_ids.shape[1], device=device)[None]
     rotary = decoder.rotary(hidden[0], positions)
     reference = list(hidden) if target != "unit" else None  # the stream a bypass's target follows
     stats: dict[Unit, UnitStats] = {}
-    for layer in tqdm(range(decoder.num_layers), desc=desc, disable=not progress, leave=False):
+    if record is not None and start_layer:
+        record.streams.update({k: v for k, v in resume.streams.items() if k < start_layer})
+    for layer in tqdm(range(start_layer, decoder.num_layers), desc=desc, disable=not progress, leave=False):
+        if record is not None and layer % record.every == 0:
+            record.streams[layer] = list(hidden)  # the tensors are replaced, never changed in place
         decoder.layers[layer].to(device)
         for kind in UNIT_KINDS:
             unit = (kind, layer)

@@ -70,3 +70,27 @@ def test_run_target_fits_the_block_from_the_runs_start(stories, calib_ids):
 def test_unknown_target_is_refused(stories, calib_ids):
     with pytest.raises(ValueError, match="Unknown target 'teacher'"):
         walk(Decoder(stories[0]), calib_ids, target="teacher", progress=False)
+
+
+def test_a_walk_resumed_from_a_checkpoint_equals_the_whole_walk(stories, calib_ids):
+    """The greedy's next walk starts at the checkpoint in front of its first newly removed unit:
+    its statistics are exactly those of a walk from the embeddings."""
+    from subfit.models import UNIT_KINDS
+    from subfit.stats import Checkpoints
+
+    decoder = Decoder(stories[0])
+    units = [(k, i) for i in range(decoder.num_layers) for k in UNIT_KINDS]
+    first = Checkpoints(every=2)
+    walk(decoder, calib_ids, collect=units, record=first, batch_size=4, progress=False)
+    assert sorted(first.streams) == [0, 2, 4]
+    removed = {("ffn", 2): "bypass", ("attn", 3): "bypass"}
+    fit = lambda kind, layer, s: as_bypass(reduced_rank_fit(s.moments(), 16, 1e-3))  # noqa: E731
+    start = first.resume_layer(2)
+    resumed = walk(decoder, calib_ids, actions=removed, fit=fit, collect=units, resume=first, start_layer=start,
+                   batch_size=4, progress=False)
+    whole = walk(decoder, calib_ids, actions=removed, fit=fit, collect=units, batch_size=4, progress=False)
+    assert start == 2 and set(resumed) == {u for u in whole if u[1] >= 2}
+    for unit, stats in resumed.items():
+        assert torch.equal(stats.xx, whole[unit].xx) and torch.equal(stats.xy, whole[unit].xy), unit
+    with pytest.raises(ValueError, match="needs a checkpoint there"):
+        walk(decoder, calib_ids, resume=first, start_layer=3, progress=False)
