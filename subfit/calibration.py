@@ -9,9 +9,9 @@ import os
 from pathlib import Path
 
 import torch
-from tqdm.auto import tqdm
 
 SELF = "self"
+SAMPLING_CACHE_BYTES = 512 * 2**20  # KV cache of the sequences sampled at once from the model
 
 
 class CalibrationError(ValueError):
@@ -68,27 +68,30 @@ def from_dataset(tokenizer, spec: str, n: int, length: int, seed: int = 0, text_
 
 
 @torch.no_grad()
-def from_model(model, tokenizer, n: int, length: int, seed: int = 0, batch_size: int = 32) -> torch.Tensor:
+def from_model(model, tokenizer, n: int, length: int, seed: int = 0) -> torch.Tensor:
     """Sequences sampled from the model itself (temperature 1, from BOS): no data download at all.
-    Seeded on a forked generator, so the caller's random state is left as it was."""
+
+    All N sequences decode together through the runtime's static KV cache, so each step is one
+    batched forward: several times faster than a generic generate loop on a CPU."""
+    from subfit.runtime import Runtime
+
     start = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
     if start is None:
         raise CalibrationError("Sampling calibration text from the model needs a BOS or EOS token to start from, "
                                "and this tokenizer has neither. Pass calibration text instead (--calib FILE).")
-    device = next(model.parameters()).device
-    batches = []
-    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
-        torch.manual_seed(seed)
-        for first in tqdm(range(0, n, batch_size), desc="sampling calibration text", leave=False):
-            rows = min(batch_size, n - first)
-            prompt = torch.full((rows, 1), start, dtype=torch.long, device=device)
-            out = model.generate(
-                prompt, do_sample=True, temperature=1.0, top_k=0, top_p=1.0, max_new_tokens=length - 1,
-                min_new_tokens=length - 1, eos_token_id=None,
-                pad_token_id=tokenizer.eos_token_id if tokenizer.eos_token_id not in (None, start) else start,
-            )
-            batches.append(out[:, :length].cpu())
-    return torch.cat(batches)
+    config = model.config
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    cache_bytes = (2 * config.num_hidden_layers * config.num_key_value_heads * head_dim * length
+                   * next(model.parameters()).element_size())
+    rows = max(1, min(n, SAMPLING_CACHE_BYTES // cache_bytes))
+    runtime = Runtime.from_hf(model, None, tokenizer, max_seq_len=length, batch_size=rows)
+    sequences = []
+    for chunk, first in enumerate(range(0, n, rows)):
+        count = min(rows, n - first)
+        sampled = runtime.generate([[start]] * count, max_new_tokens=length - 1, temperature=1.0, eos=[],
+                                   seed=1_000_003 * seed + chunk)
+        sequences += [[start] + ids for ids in sampled.ids]
+    return torch.tensor(sequences, dtype=torch.long)
 
 
 def load_calibration(source: str | None, model, tokenizer, n: int, length: int, seed: int = 0) -> torch.Tensor:
