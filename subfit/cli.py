@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import argparse
-import json
 import subprocess
 import sys
 import time
@@ -64,10 +63,11 @@ CONFIG_OPTIONS = ("calib_samples", "calib_len", "seed", "attn_rank", "ffn_rank",
 
 def run_compress(args) -> int:
     from subfit.config import SubFitConfig
+    from subfit.files import check_output
+    from subfit.plan import PLAN_FOLDER
 
     out = Path(args.out)
-    if (out / "plan.json").exists() and not args.overwrite:
-        raise SystemExit(f"error: {out} already holds a plan; choose another --out or pass --overwrite.")
+    check_output(out, overwrite=args.overwrite, folder=PLAN_FOLDER)
     if args.calib and not args.calib.startswith("hf:") and not Path(args.calib).is_file():
         raise SystemExit(f"error: calibration file {args.calib} does not exist (or use hf:ID for a dataset).")
     given = {name: getattr(args, name) for name in CONFIG_OPTIONS if getattr(args, name) is not None}
@@ -96,7 +96,7 @@ def run_compress(args) -> int:
         plan = compress_baseline(model, args.method, args.sparsity, calib_ids, source=source,
                                  calib_info=calibration.describe(args.calib, calib_ids, config.seed),
                                  device=config.device)
-    plan.save(out)
+    plan.save(out, overwrite=args.overwrite)
     acc = plan.accounting()
     table = Table(title=f"{args.method} plan -> {out}  ({time.time() - start:.0f} s)")
     for col in ("quantity", "value"):
@@ -131,12 +131,14 @@ def add_eval(sub) -> None:
     p.add_argument("--base", default=None, help="base model location, when the plan's has moved")
     p.add_argument("--no-dense", action="store_true", help="for a plan: skip the dense model's column")
     p.add_argument("--json", default=None, help="write the report as JSON here")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing --json file")
     p.set_defaults(run=run_eval)
 
 
 def run_eval(args) -> int:
     from subfit import models
-    from subfit.evaluation import evaluate
+    from subfit.evaluation import check_perplexity_window, evaluate
+    from subfit.files import check_output, write_json
     from subfit.plan import Plan
     from subfit.reference import ReferenceModel
 
@@ -145,6 +147,9 @@ def run_eval(args) -> int:
     for path in [args.ppl, *args.tasks]:
         if path is not None and not Path(path).is_file():
             raise SystemExit(f"error: {path} does not exist.")
+    if args.json:
+        check_output(args.json, overwrite=args.overwrite)
+    check_perplexity_window(args.window, args.stride)
     is_plan = args.target is not None and (Path(args.target) / "plan.json").exists()
     if is_plan:
         plan = Plan.load(args.target)
@@ -168,8 +173,7 @@ def run_eval(args) -> int:
                                            dense_fn=dense if name != "dense" else None, batch_size=args.batch_size)
     console.print(report_table(report))
     if args.json:
-        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.json).write_text(json.dumps(report, indent=1))
+        write_json(args.json, report, overwrite=args.overwrite)
         console.print(f"report written to {args.json}")
     return 0
 

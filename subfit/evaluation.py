@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import math
+import numbers
 import os
 from pathlib import Path
 from typing import Callable
@@ -67,9 +68,8 @@ def perplexity(
     """Perplexity of a token stream; with `dense_fn`, also KL(dense || model) and top-1 agreement.
     Each window's summed NLL is kept, so two models scored on the same stream can be compared
     window by window (`perplexity_ratio`)."""
-    stride = stride or window
-    if not 0 < stride <= window:
-        raise ValueError(f"stride={stride} must be in 1..window ({window}).")
+    check_perplexity_window(window, stride)
+    stride = window if stride is None else stride
     if ids.numel() < 2:
         raise ValueError("The text has fewer than 2 tokens: nothing to score.")
     window_nll, window_tokens, kl, agree = [], [], 0.0, 0
@@ -93,36 +93,101 @@ def perplexity(
     return result
 
 
+def _is_int(value) -> bool:
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+
+
+def check_count(name: str, value, minimum: int = 1, *, optional: bool = False, why: str = "") -> None:
+    """Refuse an evaluation setting that is not an integer >= `minimum` (or None, when `optional`)."""
+    if (value is None and optional) or (_is_int(value) and value >= minimum):
+        return
+    raise ValueError(f"{name}={value!r}: expected an integer >= {minimum}{' or None' if optional else ''}"
+                     f"{f' ({why})' if why else ''}.")
+
+
+def check_perplexity_window(window: int, stride: int | None) -> None:
+    """Refuse windows that would score nothing or skip tokens."""
+    check_count("window", window, 2, why="a window needs a token and a next token to score")
+    check_count("stride", stride, 1, optional=True, why="None: the window")
+    if stride is not None and stride > window:
+        raise ValueError(f"stride={stride} is larger than window={window}: tokens between windows would never be "
+                         "scored. Give a stride of at most the window.")
+
+
 def load_task(path: str | os.PathLike, limit: int | None = None) -> list[dict]:
+    """The first `limit` examples of a JSONL task file, each checked by `requests_for`; a bad line
+    is refused naming the file and the line."""
+    check_count("limit", limit, optional=True, why="None: every example")
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"Task file {path} does not exist.")
     docs = []
-    with path.open(encoding="utf-8") as f:
-        for line_no, line in enumerate(f, 1):
-            if line.strip():
-                try:
-                    docs.append(json.loads(line))
-                except json.JSONDecodeError as e:
-                    raise ValueError(f"{path}:{line_no} is not valid JSON ({e}).") from e
-            if limit and len(docs) >= limit:
-                break
+    for line_no, raw in enumerate(path.read_bytes().splitlines(), 1):
+        try:
+            line = raw.decode("utf-8")
+        except UnicodeDecodeError as e:
+            raise ValueError(f"{path}:{line_no} is not UTF-8 text (byte {e.start}); task files are UTF-8 JSON "
+                             "lines.") from e
+        if not line.strip():
+            continue
+        try:
+            doc = json.loads(line)
+        except (json.JSONDecodeError, RecursionError) as e:
+            raise ValueError(f"{path}:{line_no} is not valid JSON ({e}).") from e
+        try:
+            requests_for(doc)
+        except ValueError as e:
+            raise ValueError(f"{path}:{line_no}: {e}") from e
+        docs.append(doc)
+        if limit is not None and len(docs) >= limit:
+            break
     if not docs:
         raise ValueError(f"Task file {path} holds no examples.")
     return docs
 
 
+def _check_gold(doc: dict, options: str) -> int:
+    gold, count = doc["gold"], len(doc[options])
+    if not _is_int(gold) or not 0 <= gold < count:
+        raise ValueError(f"gold is {gold!r}; expected the index of the right entry of {options!r}, an integer "
+                         f"from 0 to {count - 1}.")
+    return int(gold)
+
+
+def _check_fields(doc: dict, required: dict[str, str]) -> None:
+    """`required`: field -> "text" (a string) or "texts" (a non-empty list of strings) or "index"."""
+    missing = [k for k in required if k not in doc]
+    if missing:
+        raise ValueError(f"the example lacks {', '.join(repr(k) for k in missing)}; the "
+                         f"{'/'.join(required)} format needs every one of them.")
+    for name, kind in required.items():
+        value = doc[name]
+        if kind == "text" and not isinstance(value, str):
+            raise ValueError(f"{name} is {value!r:.60}; expected a string.")
+        if kind == "texts" and not (isinstance(value, list) and value and all(isinstance(v, str) for v in value)):
+            raise ValueError(f"{name} is {value!r:.60}; expected a non-empty list of strings.")
+
+
 def requests_for(doc: dict) -> tuple[list[tuple[str, str]], int | None, str]:
     """(context, continuation) pairs, the gold index and the kind, as lm-evaluation-harness builds
-    them: `Question: ...\\nAnswer:` + ` choice`; WinoGrande partial scoring (the options change the
-    context, the shared continuation is scored); LAMBADA's last word (accuracy = greedy match)."""
+    them: `Question: ...\nAnswer:` + ` choice`; WinoGrande partial scoring (the options change the
+    context, the shared continuation is scored); LAMBADA's last word (accuracy = greedy match).
+    An example with missing or mistyped fields, or a gold index out of range, is refused."""
+    if not isinstance(doc, dict):
+        raise ValueError(f"an example is {doc!r:.60}; expected a JSON object in one of the formats {TASK_FORMATS}.")
     if "choices" in doc:
+        _check_fields(doc, {"query": "text", "choices": "texts", "gold": "index"})
         query = doc["query"].rstrip()
         context = query if query.endswith("Answer:") else query + "\nAnswer:"
-        return [(context, " " + c) for c in doc["choices"]], int(doc["gold"]), "choice"
+        return [(context, " " + c) for c in doc["choices"]], _check_gold(doc, "choices"), "choice"
     if "context_options" in doc:
-        return [(c, " " + doc["continuation"]) for c in doc["context_options"]], int(doc["gold"]), "partial"
+        _check_fields(doc, {"context_options": "texts", "continuation": "text", "gold": "index"})
+        return ([(c, " " + doc["continuation"]) for c in doc["context_options"]], _check_gold(doc, "context_options"),
+                "partial")
     if "context" in doc and "continuation" in doc:
+        _check_fields(doc, {"context": "text", "continuation": "text"})
+        if not doc["continuation"].strip():
+            raise ValueError("continuation is empty; expected the word(s) to predict.")
         return [(doc["context"], " " + doc["continuation"].strip())], None, "greedy"
     raise ValueError(f"Unknown task format with keys {sorted(doc)}; expected one of {TASK_FORMATS}.")
 
@@ -198,11 +263,13 @@ def _mean_stderr(values: list[float]) -> tuple[float, float]:
     return float(x.mean()), float(x.std() / math.sqrt(len(values))) if len(values) > 1 else float("nan")
 
 
-def multiple_choice(logits_fn: LogitsFn, tokenizer, path, limit: int | None = None, batch_size: int = 16,
-                    progress: bool = True) -> dict:
+def multiple_choice(logits_fn: LogitsFn, tokenizer, task: str | os.PathLike | list[dict], limit: int | None = None,
+                    batch_size: int = 16, progress: bool = True) -> dict:
     """acc and acc_norm with their standard errors, and the per-example outcomes that a paired
-    comparison of two models on the same examples needs (`paired_difference`)."""
-    acc, acc_norm = choice_outcomes(logits_fn, tokenizer, load_task(path, limit), batch_size, progress)
+    comparison of two models on the same examples needs (`paired_difference`). `task` is a task
+    file, or its examples as `load_task` returns them."""
+    docs = task if isinstance(task, list) else load_task(task, limit)
+    acc, acc_norm = choice_outcomes(logits_fn, tokenizer, docs, batch_size, progress)
     (a, a_se), (an, an_se) = _mean_stderr(acc), _mean_stderr(acc_norm)
     return {"acc": a, "acc_stderr": a_se, "acc_norm": an, "acc_norm_stderr": an_se, "n": len(acc),
             "correct": acc, "correct_norm": acc_norm}
@@ -255,13 +322,26 @@ def evaluate(
     batch_size: int = 16,
     progress: bool = True,
 ) -> dict:
-    """Perplexity on a text file (and agreement with `dense_fn`), and accuracy on task files."""
+    """Perplexity on a text file (and agreement with `dense_fn`), and accuracy on task files. Every
+    setting and every task file is checked before any work."""
+    check_perplexity_window(window, stride)
+    check_count("max_tokens", max_tokens, 2, optional=True, why="None: the whole text")
+    check_count("batch_size", batch_size)
+    if ppl is not None and not Path(ppl).is_file():
+        raise FileNotFoundError(f"Perplexity text {ppl} does not exist.")
+    docs: dict[str, list[dict]] = {}
+    for path in tasks:
+        name = Path(path).stem
+        if name in docs:
+            raise ValueError(f"Two task files are named {name!r}; their results would share one entry of the "
+                             "report. Rename one of them.")
+        docs[name] = load_task(path, limit)
     report: dict = {}
     if ppl is not None:
         ids = text_tokens(tokenizer, ppl, max_tokens)
         report["perplexity"] = {"file": str(ppl), **perplexity(logits_fn, ids, window=window, stride=stride,
                                                                 dense_fn=dense_fn, progress=progress)}
-    for path in tasks:
-        report.setdefault("tasks", {})[Path(path).stem] = multiple_choice(logits_fn, tokenizer, path, limit,
-                                                                         batch_size, progress)
+    for name, examples in docs.items():
+        report.setdefault("tasks", {})[name] = multiple_choice(logits_fn, tokenizer, examples, batch_size=batch_size,
+                                                               progress=progress)
     return report

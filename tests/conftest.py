@@ -81,3 +81,20 @@ def family_model_dir(tmp_path_factory, stories_dir):
 
     return get
 
+
+@pytest.fixture(scope="session")
+def small_plan(stories, tinystories_file):
+    """A real SubFit plan of stories260K (attention and FeedForward bypasses), made in about a second
+    from a little calibration text. Treat it as read-only: copy it before changing it."""
+    from compress_settings import settings
+
+    from subfit.compression import compress
+
+    model, tokenizer, _ = stories
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # the model is tiny: more threads only contend (13 s instead of 0.5 s on 2 busy cores)
+    try:
+        return compress(model, 0.375, tinystories_file, tokenizer=tokenizer,
+                        **settings(calib_samples=8, calib_len=64, selection_draws=1, step=0.375, score_samples=4))
+    finally:
+        torch.set_num_threads(threads)

@@ -7,6 +7,8 @@ exactly the positions it would see alone.
 """
 from __future__ import annotations
 
+import math
+import numbers
 import os
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -42,6 +44,33 @@ class Generation:
 
     ids: list[int] | list[list[int]]
     text: str | list[str]
+
+
+def _positive_int(value) -> bool:
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool) and value >= 1
+
+
+def _real(value) -> bool:
+    return isinstance(value, numbers.Real) and not isinstance(value, bool) and math.isfinite(value)
+
+
+# argument -> (test, what it must be): the sampling rules, for the Python API and the CLI alike
+SAMPLING_RULES = {
+    "max_new_tokens": (_positive_int, "a positive integer"),
+    "temperature": (lambda v: _real(v) and v >= 0, "a temperature >= 0 (0 = greedy), not inf or nan"),
+    "top_k": (lambda v: v is None or _positive_int(v), "a positive integer"),
+    "top_p": (lambda v: v is None or (_real(v) and 0 < v <= 1), "a top-p in (0, 1]"),
+}
+
+
+def check_sampling(max_new_tokens: int, temperature: float = 0.0, top_k: int | None = None,
+                   top_p: float | None = None) -> None:
+    """Refuse a bad generation argument before any work, naming it and what it must be."""
+    values = {"max_new_tokens": max_new_tokens, "temperature": temperature, "top_k": top_k, "top_p": top_p}
+    for name, value in values.items():
+        valid, expected = SAMPLING_RULES[name]
+        if not valid(value):
+            raise ValueError(f"{name}={value!r}: expected {expected}.")
 
 
 def sample(logits: torch.Tensor, temperature: float = 0.0, top_k: int | None = None, top_p: float | None = None,
@@ -215,6 +244,7 @@ class Runtime:
                seed: int | None = None) -> Iterator[StreamStep]:
         """Generate step by step: yields one `StreamStep` per new token position. The prompt is checked
         here, before the first token; the work happens as the iterator is consumed."""
+        check_sampling(max_new_tokens, temperature, top_k, top_p)
         rows, _, eos_ids, generator = self._prepare(prompt, max_new_tokens, eos, seed)
         return self._stream(rows, max_new_tokens, temperature, top_k, top_p, eos_ids, generator, text=True)
 
@@ -223,6 +253,7 @@ class Runtime:
                  seed: int | None = None) -> Generation:
         """Generate up to `max_new_tokens` per prompt (text, token ids, or a batch of either), stopping a
         sequence at EOS; greedy when temperature is 0."""
+        check_sampling(max_new_tokens, temperature, top_k, top_p)
         rows, single, eos_ids, generator = self._prepare(prompt, max_new_tokens, eos, seed)
         new: list[list[int]] = [[] for _ in rows]
         for step in self._stream(rows, max_new_tokens, temperature, top_k, top_p, eos_ids, generator, text=False):
@@ -235,8 +266,6 @@ class Runtime:
     def _prepare(self, prompt: Prompt, max_new_tokens: int, eos, seed):
         """Validate everything before any work: token lists, single-or-batch, EOS ids, RNG."""
         rows, single = self._encode(prompt)
-        if max_new_tokens < 1:
-            raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}.")
         self._check(rows, max_new_tokens)
         eos_ids = set(self.eos if eos is None else ([eos] if isinstance(eos, int) else eos))
         generator = None
