@@ -327,6 +327,7 @@ def evaluate(
     check_perplexity_window(window, stride)
     check_count("max_tokens", max_tokens, 2, optional=True, why="None: the whole text")
     check_count("batch_size", batch_size)
+    check_count("limit", limit, optional=True, why="None: every example")
     if ppl is not None and not Path(ppl).is_file():
         raise FileNotFoundError(f"Perplexity text {ppl} does not exist.")
     docs: dict[str, list[dict]] = {}
