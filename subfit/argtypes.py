@@ -3,10 +3,10 @@ with what was expected, so argparse prints one clear line and exits 2 before any
 from __future__ import annotations
 
 import argparse
-import math
 from typing import Callable
 
 from subfit.config import MAX_SPARSITY, check_sparsity
+from subfit.runtime.generate import SAMPLING_RULES
 
 
 def number(convert: Callable, valid: Callable, expected: str) -> Callable[[str], object]:
@@ -33,5 +33,5 @@ def _valid_sparsity(value: float) -> bool:
 positive_int = number(int, lambda v: v >= 1, "a positive integer")
 sparsity = number(float, _valid_sparsity,
                   f"a sparsity (fraction of transformer-block parameters) between 0 and {MAX_SPARSITY}, e.g. 0.25")
-temperature = number(float, lambda v: math.isfinite(v) and v >= 0, "a temperature >= 0 (0 = greedy)")
-probability = number(float, lambda v: 0 < v <= 1, "a top-p in (0, 1]")
+temperature = number(float, *SAMPLING_RULES["temperature"])  # the runtime's own rules: one set for CLI and Python
+probability = number(float, *SAMPLING_RULES["top_p"])

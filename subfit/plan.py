@@ -19,7 +19,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from subfit import files
+from subfit.files import FolderFormat, staged_folder
 from subfit.models import same_weights
 
 FORMAT_VERSION = 1
@@ -119,7 +119,7 @@ def _holds_plan(folder: Path) -> bool:
     return isinstance(meta, dict) and "format_version" in meta
 
 
-PLAN_FOLDER = files.FolderFormat("subfit plan", (PLAN_FILE, WEIGHTS_FILE), _holds_plan)
+PLAN_FOLDER = FolderFormat("subfit plan", (PLAN_FILE, WEIGHTS_FILE), _holds_plan)
 
 
 @dataclass
@@ -254,7 +254,7 @@ class Plan:
         }
         text = json.dumps(meta, indent=1)
         tensors = {k: v.detach().to(torch.float32).contiguous().cpu() for k, v in self.tensors.items()}
-        with files.staged_folder(path, PLAN_FOLDER, overwrite=overwrite) as staging:
+        with staged_folder(path, PLAN_FOLDER, overwrite=overwrite) as staging:
             save_file(tensors, str(staging / WEIGHTS_FILE), metadata={"format_version": str(FORMAT_VERSION)})
             (staging / PLAN_FILE).write_text(text, encoding="utf-8")
         return Path(path)
@@ -338,7 +338,8 @@ class Plan:
             for i, action in enumerate(self.actions(kind)):
                 if action != "bypass":
                     continue
-                down_name = f"attn.{i}.down" if kind == "attn" else FFN_BASIS
+                names = bypass_tensor_names(kind, i)
+                down_name = names["down"]
                 down = self.tensors.get(down_name)
                 if down is None:
                     raise PlanError(f"{where}: layer {i} {'attention' if kind == 'attn' else 'feedforward'} is "
@@ -347,9 +348,7 @@ class Plan:
                 if rank < 1:
                     raise PlanError(f"{where}: tensor {down_name!r} has shape {tuple(down.shape)}; expected "
                                     f"[{hidden}, rank] with rank >= 1.")
-                expected[down_name] = (hidden, rank)
-                expected[f"{kind}.{i}.up"] = (rank, hidden)
-                expected[f"{kind}.{i}.bias"] = (hidden,)
+                expected.update({down_name: (hidden, rank), names["up"]: (rank, hidden), names["bias"]: (hidden,)})
         for name, shape in expected.items():
             tensor = self.tensors.get(name)
             if tensor is None:

@@ -94,7 +94,9 @@ def small_plan(stories, tinystories_file):
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # the model is tiny: more threads only contend (13 s instead of 0.5 s on 2 busy cores)
     try:
-        return compress(model, 0.375, tinystories_file, tokenizer=tokenizer,
+        plan = compress(model, 0.375, tinystories_file, tokenizer=tokenizer,
                         **settings(calib_samples=8, calib_len=64, selection_draws=1, step=0.375, score_samples=4))
     finally:
         torch.set_num_threads(threads)
+    assert "bypass" in plan.attn and "bypass" in plan.ffn, f"the tests need both kinds of bypass: {plan.layer_map()}"
+    return plan

@@ -23,6 +23,7 @@ from sweep_variants import DELETION_OF_SUBFIT, SECONDARY_TASKS, VARIANTS
 
 from subfit.argtypes import positive_int, sparsity
 from subfit.config import CALIB_SAMPLES, DevOptions, SubFitConfig
+from subfit.files import write_json
 
 LEVELS = (0.125, 0.1875, 0.25, 0.3125, 0.375)
 
@@ -172,13 +173,13 @@ def run_sweep(config: SweepConfig) -> dict:
         computed["walks"].append("replaceme_fit")
         _log(f"ReplaceMe: {len(blocks)} block maps in one walk, {shared_seconds['replaceme_fit']:.1f} s")
     if computed["walks"]:
-        timings.write_text(json.dumps(shared_seconds, indent=1))
+        write_json(timings, shared_seconds, overwrite=True)
     def finish(i: int, name: str, level: float, plan, seconds: float) -> None:
         plan.method["compress_seconds"] = seconds
         plan.method["variant"] = name
         if VARIANTS[name][0] == "subfit":
             plan.method["sweep_settings"] = config.settings_record(VARIANTS[name][1])
-        plan.save(cache / "plans" / f"{name}@{level_tag(level)}")
+        plan.save(cache / "plans" / f"{name}@{level_tag(level)}", overwrite=True)  # settings changed: made again
         computed["plans"].append(f"{name}@{level_tag(level)}")
         plans[(name, level)] = plan
         compress_seconds[(name, level)] = seconds

@@ -15,6 +15,8 @@ import json
 import os
 from pathlib import Path
 
+from subfit.files import write_json
+
 MANIFEST = "manifest.json"
 
 
@@ -39,7 +41,7 @@ def check_manifest(cache: Path, key: dict) -> None:
     """Record `key` in a new cache; refuse a cache whose plans were made from other data."""
     manifest = cache / MANIFEST
     if not manifest.exists():
-        manifest.write_text(json.dumps(key, indent=1))
+        write_json(manifest, key)
         return
     cached_key = json.loads(manifest.read_text())
     if {k: cached_key.get(k) for k in key} != json.loads(json.dumps(key)):
@@ -62,10 +64,9 @@ def cached_evaluation(folder: Path, tag: str, settings: dict) -> tuple[dict, flo
     if twin is None:
         return None
     blob = {**json.loads(twin.read_text()), "same_plan_as": twin.stem}
-    path.write_text(json.dumps(blob, indent=1))
+    write_json(path, blob, overwrite=True)
     return blob["report"], blob.get("seconds"), True
 
 
 def store_evaluation(folder: Path, tag: str, settings: dict, report: dict, seconds: float) -> None:
-    (folder / f"{tag}.json").write_text(json.dumps({"settings": settings, "seconds": seconds, "report": report},
-                                                   indent=1))
+    write_json(folder / f"{tag}.json", {"settings": settings, "seconds": seconds, "report": report}, overwrite=True)

@@ -3,12 +3,13 @@ every row) and the plots (`<out>_quality.png`, `<out>_layers*.png`). Pure functi
 so a committed JSON re-renders its committed tables exactly."""
 from __future__ import annotations
 
-import json
 import math
 import os
 from pathlib import Path
 
 from sweep_variants import DESCRIPTIONS, SECONDARY_TASKS, STYLE
+
+from subfit.files import write_json, write_text
 
 
 def level_tag(level: float) -> str:
@@ -19,8 +20,8 @@ def write_outputs(results: dict, out: str | os.PathLike, map_levels=(0.25,)) -> 
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     paths = [Path(f"{out}.json"), Path(f"{out}.md")]
-    paths[0].write_text(json.dumps(results, indent=1, default=_json_default))
-    paths[1].write_text(markdown(results, map_levels))
+    write_json(paths[0], results, overwrite=True, default=_json_default)  # a sweep re-renders its outputs
+    write_text(paths[1], markdown(results, map_levels), overwrite=True)
     paths += plot(results, out, map_levels)
     return paths
 
