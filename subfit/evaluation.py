@@ -120,7 +120,8 @@ def load_task(path: str | os.PathLike, limit: int | None = None) -> list[dict]:
     check_count("limit", limit, optional=True, why="None: every example")
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"Task file {path} does not exist.")
+        raise FileNotFoundError(f"Task file {path} {'is a folder' if path.is_dir() else 'does not exist'}; give a "
+                                ".jsonl file.")
     docs = []
     for line_no, raw in enumerate(path.read_bytes().splitlines(), 1):
         try:
@@ -329,7 +330,8 @@ def evaluate(
     check_count("batch_size", batch_size)
     check_count("limit", limit, optional=True, why="None: every example")
     if ppl is not None and not Path(ppl).is_file():
-        raise FileNotFoundError(f"Perplexity text {ppl} does not exist.")
+        raise FileNotFoundError(f"Perplexity text {ppl} {'is a folder' if Path(ppl).is_dir() else 'does not exist'}; "
+                                "give a text file.")
     docs: dict[str, list[dict]] = {}
     for path in tasks:
         name = Path(path).stem

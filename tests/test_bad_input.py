@@ -253,11 +253,14 @@ class CountingModel:
     ({"tasks": ["{bad}"]}, ":2: gold is 3"),
     ({"tasks": ["{good}", "{good}"]}, "Two task files are named 'good'"),
     ({"ppl": "missing.txt"}, "missing.txt does not exist"),
+    ({"ppl": "{folder}"}, "is a folder; give a text file"),
 ])
 def test_evaluation_settings_are_checked_before_any_work(settings, message, stories, tinystories_file, tmp_path):
     (tmp_path / "good.jsonl").write_text(json.dumps(GOOD) + "\n")
     (tmp_path / "bad.jsonl").write_text(json.dumps(GOOD) + "\n" + json.dumps({**GOOD, "gold": 3}) + "\n")
     settings = {"ppl": tinystories_file, "max_tokens": 200, "window": 64, **settings}
+    if settings["ppl"] == "{folder}":
+        settings["ppl"] = tmp_path
     settings["tasks"] = [tmp_path / f"{t.strip('{}')}.jsonl" for t in settings.get("tasks", [])]
     model = CountingModel(stories[0])
     with pytest.raises((ValueError, FileNotFoundError), match=message):
@@ -293,6 +296,8 @@ def runtime(stories):
     ({"max_new_tokens": 2.5}, "max_new_tokens=2.5: expected a positive integer"),
     ({"max_new_tokens": True}, "max_new_tokens=True"),
     ({"max_new_tokens": 0}, "max_new_tokens=0"),
+    ({"seed": 1.5}, "seed=1.5: expected an integer seed"),
+    ({"seed": 2**64}, "seed=18446744073709551616"),
 ])
 def test_sampling_arguments_are_refused_in_python(kwargs, message, runtime):
     args = {"max_new_tokens": 3, "temperature": 0.8, **kwargs}

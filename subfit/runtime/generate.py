@@ -60,13 +60,16 @@ SAMPLING_RULES = {
     "temperature": (lambda v: _real(v) and v >= 0, "a temperature >= 0 (0 = greedy), not inf or nan"),
     "top_k": (lambda v: v is None or _positive_int(v), "a positive integer"),
     "top_p": (lambda v: v is None or (_real(v) and 0 < v <= 1), "a top-p in (0, 1]"),
+    "seed": (lambda v: v is None or (isinstance(v, numbers.Integral) and not isinstance(v, bool)
+                                     and -2**63 <= v < 2**64), "an integer seed (a torch.Generator's range)"),
 }
 
 
 def check_sampling(max_new_tokens: int, temperature: float = 0.0, top_k: int | None = None,
-                   top_p: float | None = None) -> None:
+                   top_p: float | None = None, seed: int | None = None) -> None:
     """Refuse a bad generation argument before any work, naming it and what it must be."""
-    values = {"max_new_tokens": max_new_tokens, "temperature": temperature, "top_k": top_k, "top_p": top_p}
+    values = {"max_new_tokens": max_new_tokens, "temperature": temperature, "top_k": top_k, "top_p": top_p,
+              "seed": seed}
     for name, value in values.items():
         valid, expected = SAMPLING_RULES[name]
         if not valid(value):
@@ -244,7 +247,7 @@ class Runtime:
                seed: int | None = None) -> Iterator[StreamStep]:
         """Generate step by step: yields one `StreamStep` per new token position. The prompt is checked
         here, before the first token; the work happens as the iterator is consumed."""
-        check_sampling(max_new_tokens, temperature, top_k, top_p)
+        check_sampling(max_new_tokens, temperature, top_k, top_p, seed)
         rows, _, eos_ids, generator = self._prepare(prompt, max_new_tokens, eos, seed)
         return self._stream(rows, max_new_tokens, temperature, top_k, top_p, eos_ids, generator, text=True)
 
@@ -253,7 +256,7 @@ class Runtime:
                  seed: int | None = None) -> Generation:
         """Generate up to `max_new_tokens` per prompt (text, token ids, or a batch of either), stopping a
         sequence at EOS; greedy when temperature is 0."""
-        check_sampling(max_new_tokens, temperature, top_k, top_p)
+        check_sampling(max_new_tokens, temperature, top_k, top_p, seed)
         rows, single, eos_ids, generator = self._prepare(prompt, max_new_tokens, eos, seed)
         new: list[list[int]] = [[] for _ in rows]
         for step in self._stream(rows, max_new_tokens, temperature, top_k, top_p, eos_ids, generator, text=False):
