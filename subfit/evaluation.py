@@ -97,7 +97,7 @@ def _is_int(value) -> bool:
     return isinstance(value, numbers.Integral) and not isinstance(value, bool)
 
 
-def check_count(name: str, value, minimum: int = 1, *, optional: bool = False, why: str = "") -> None:
+def _check_count(name: str, value, minimum: int = 1, *, optional: bool = False, why: str = "") -> None:
     """Refuse an evaluation setting that is not an integer >= `minimum` (or None, when `optional`)."""
     if (value is None and optional) or (_is_int(value) and value >= minimum):
         return
@@ -107,8 +107,8 @@ def check_count(name: str, value, minimum: int = 1, *, optional: bool = False, w
 
 def check_perplexity_window(window: int, stride: int | None) -> None:
     """Refuse windows that would score nothing or skip tokens."""
-    check_count("window", window, 2, why="a window needs a token and a next token to score")
-    check_count("stride", stride, 1, optional=True, why="None: the window")
+    _check_count("window", window, 2, why="a window needs a token and a next token to score")
+    _check_count("stride", stride, 1, optional=True, why="None: the window")
     if stride is not None and stride > window:
         raise ValueError(f"stride={stride} is larger than window={window}: tokens between windows would never be "
                          "scored. Give a stride of at most the window.")
@@ -117,7 +117,7 @@ def check_perplexity_window(window: int, stride: int | None) -> None:
 def load_task(path: str | os.PathLike, limit: int | None = None) -> list[dict]:
     """The first `limit` examples of a JSONL task file, each checked by `requests_for`; a bad line
     is refused naming the file and the line."""
-    check_count("limit", limit, optional=True, why="None: every example")
+    _check_count("limit", limit, optional=True, why="None: every example")
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"Task file {path} {'is a folder' if path.is_dir() else 'does not exist'}; give a "
@@ -326,9 +326,9 @@ def evaluate(
     """Perplexity on a text file (and agreement with `dense_fn`), and accuracy on task files. Every
     setting and every task file is checked before any work."""
     check_perplexity_window(window, stride)
-    check_count("max_tokens", max_tokens, 2, optional=True, why="None: the whole text")
-    check_count("batch_size", batch_size)
-    check_count("limit", limit, optional=True, why="None: every example")
+    _check_count("max_tokens", max_tokens, 2, optional=True, why="None: the whole text")
+    _check_count("batch_size", batch_size)
+    _check_count("limit", limit, optional=True, why="None: every example")
     if ppl is not None and not Path(ppl).is_file():
         raise FileNotFoundError(f"Perplexity text {ppl} {'is a folder' if Path(ppl).is_dir() else 'does not exist'}; "
                                 "give a text file.")
