@@ -39,15 +39,18 @@ def compress_levels(model=None, levels: Sequence[float] = (0.25,), calib: Calibr
     """One plan per sparsity level (in the order given), each exactly what `compress` makes at
     that level; the first scoring walk, the same for all levels, is made once.
 
-    Units are chosen greedily (`selection.Selector`): each scoring walk re-scores every kept unit
-    with the removals so far bypassed and commits `dev.step` more sparsity, the safest part of its
-    plan for the level. A final walk over all sequences fits the bypasses sequentially, each run of
-    adjacent bypasses to the block it replaces (`stats.walk`, target "run").
+    Units are chosen greedily (`selection.Selector.trajectory`): each scoring walk re-scores every
+    kept unit with the removals so far bypassed and commits `dev.step` more sparsity, the safest
+    units per parameter; a level finishes at the walk that reaches it, with that walk's best mix
+    for the room left. One trajectory serves every level. A final walk over all sequences then
+    fits each level's bypasses sequentially, each run of adjacent bypasses to the block it
+    replaces (`stats.walk`, target "run").
 
-    With `config.selection_draws` K > 1 the selection and fit run K times, each draw scoring and
-    probing on other calibration sequences (`selection.draw_order`), and per level the plan with
-    the least next-token loss on sequences held out from all of them is kept: at low sparsity the
-    greedy commits few walks, so which sequences it scores on can decide the plan (docs/method.md).
+    With `config.selection_draws` K > 1 the selection runs K times, each draw scoring and probing
+    on other calibration sequences (`selection.draw_order`); per level, the draw whose plan (as its
+    scoring walk fits it) has the least next-token loss on sequences held out from all of them is
+    kept and fitted: at low sparsity the greedy commits few walks, so which sequences it scores on
+    can decide the plan (docs/method.md).
     """
     config = config or SubFitConfig()
     dev = dev or DevOptions()
@@ -74,42 +77,66 @@ def compress_levels(model=None, levels: Sequence[float] = (0.25,), calib: Calibr
     walk_args = dict(batch_size=dev.batch_size, device=config.device, progress=progress)
     fit_ids, validation_ids = validation_split(calib_ids, config.selection_draws, config.seed)
     home = next(model.parameters()).device
-    chosen: list[tuple[float, Plan] | None] = [None] * len(levels)
-    validation_losses: list[list[float]] = [[] for _ in levels]
+    # Per level: (held-out loss, draw, removed units, their statistics in the walk that chose them).
+    best: list[tuple[float, int, list[Unit], dict] | None] = [None] * len(levels)
+    losses: list[list[float]] = [[] for _ in levels]
     for draw in range(config.selection_draws):
         scoring_ids, probe_ids = scoring_and_probe_ids(draw_order(fit_ids, draw, config.seed), dev.score_samples,
                                                        dev.probe_samples)
         selector = Selector(decoder, groups, sizes, ranks, config.ridge, scoring_ids, probe_ids, dev.shortlist,
-                            walk_args, reuse_first_walk=len(levels) > 1)
-        for i, (sparsity, quota) in enumerate(zip(levels, quotas)):
-            if dev.contiguous:
-                removed, basis_stats = selector.window(quota)
-            else:
-                removed, basis_stats = selector.trajectory(quota, int(dev.step * empty.block_params))
-            plan = Plan.empty(decoder, source)
-            plan.method = {"name": "subfit", "sparsity": sparsity, "config": config.record(), "options": dev.record(),
-                           "calibration": calib_info, "score_samples": scoring_ids.shape[0],
-                           "probe_samples": probe_ids.shape[0]}
-            if not dev.bypass:
-                for kind, layer in removed:
-                    plan.actions(kind)[layer] = "delete"
-            elif removed:
-                plan.method["bypass_errors"] = _fit_bypasses(plan, decoder, fit_ids, removed, basis_stats, ranks,
-                                                             config.ridge, walk_args)
-            plan.validate()
+                            walk_args, reuse_first_walk=dev.contiguous and len(levels) > 1)
+        if dev.contiguous:
+            chosen = {q: selector.window(q) for q in quotas}
+        else:
+            chosen = selector.trajectory(quotas, int(dev.step * empty.block_params))
+        del selector  # a walk's statistics and checkpoints are large: one draw's at a time
+        for i, quota in enumerate(quotas):
+            removed, stats = chosen[quota]
             loss = 0.0
-            if config.selection_draws > 1:  # one sequence at a time: a batch's logits outgrow the walks' memory
-                loss = mean_token_loss(ReferenceModel(model, plan, check_base=False), validation_ids.to(home), 1)
-                validation_losses[i].append(loss)
-            if chosen[i] is None or loss < chosen[i][0]:
-                chosen[i] = (loss, plan)
-        del selector  # a walk's statistics are large: one draw's at a time
-    plans = [plan for _, plan in chosen]
-    if config.selection_draws > 1:
-        for plan, losses in zip(plans, validation_losses):
-            plan.method["selection"] = {"draw": losses.index(min(losses)), "validation_loss": losses,
+            if config.selection_draws > 1:
+                # The draws are compared as the scoring walk fitted them (no final walk per draw), on
+                # held-out sequences one at a time: a batch's logits outgrow the walks' memory.
+                scoring_plan = _plan(decoder, source, removed, stats, ranks, config.ridge, bypass=dev.bypass)
+                loss = mean_token_loss(ReferenceModel(model, scoring_plan, check_base=False),
+                                       validation_ids.to(home), 1)
+                losses[i].append(loss)
+            if best[i] is None or loss < best[i][0]:
+                best[i] = (loss, draw, removed, {u: st for u, st in stats.items() if u[0] == "ffn"})
+    plans = []
+    for i, (sparsity, (_, draw, removed, ffn_stats)) in enumerate(zip(levels, best)):
+        plan = Plan.empty(decoder, source)
+        plan.method = {"name": "subfit", "sparsity": sparsity, "config": config.record(), "options": dev.record(),
+                       "calibration": calib_info}
+        if not dev.bypass:
+            for kind, layer in removed:
+                plan.actions(kind)[layer] = "delete"
+        elif removed:
+            plan.method["bypass_errors"] = _fit_bypasses(plan, decoder, fit_ids, removed, ffn_stats, ranks,
+                                                         config.ridge, walk_args)
+        if config.selection_draws > 1:
+            plan.method["selection"] = {"draw": draw, "validation_loss": losses[i],
                                         "validation_samples": validation_ids.shape[0]}
+        plan.validate()
+        plans.append(plan)
     return plans
+
+
+def _plan(decoder: Decoder, source, removed: list[Unit], stats: dict, ranks: dict[str, int], ridge: float, *,
+          bypass: bool = True) -> Plan:
+    """The plan `removed` makes with bypasses fitted on the statistics of one scoring walk (each unit
+    to its own output): how the selection draws are compared without a fitting walk each."""
+    plan = Plan.empty(decoder, source)
+    if not bypass:
+        for kind, layer in removed:
+            plan.actions(kind)[layer] = "delete"
+        return plan
+    ffn = [u for u in removed if u[0] == "ffn"]
+    basis = shared_basis([stats[u].moments() for u in ffn], ranks["ffn"], ridge) if ffn else None
+    for kind, layer in removed:
+        m = stats[(kind, layer)].moments()
+        fit = reduced_rank_fit(m, ranks["attn"], ridge) if kind == "attn" else fit_in_basis(m, basis, ridge)
+        plan.set_bypass(kind, layer, as_bypass(fit))
+    return plan
 
 
 def _calibration(calib: Calibration, model, tokenizer, config: SubFitConfig) -> tuple[torch.Tensor, dict]:
@@ -130,8 +157,9 @@ def _calibration(calib: Calibration, model, tokenizer, config: SubFitConfig) -> 
 def _fit_bypasses(plan: Plan, decoder: Decoder, calib_ids: torch.Tensor, removed: list[Unit], basis_stats: dict,
                   ranks: dict[str, int], ridge: float, walk_args: dict) -> dict[str, float]:
     """One walk over all calibration sequences fitting every bypass on the inputs the compressed
-    earlier layers give it; the FeedForward bypasses share one input basis, taken from the last
-    scoring walk's statistics of the removed FeedForward units. Returns each bypass's relative error."""
+    earlier layers give it; the FeedForward bypasses share one input basis, taken from the
+    statistics of the removed FeedForward units in the scoring walk that chose them. Returns each
+    bypass's relative error."""
     ffn_units = [u for u in removed if u[0] == "ffn"]
     basis = shared_basis([basis_stats[u].moments() for u in ffn_units], ranks["ffn"], ridge) if ffn_units else None
     fits: dict[Unit, LinearFit] = {}
