@@ -240,9 +240,10 @@ class Selector:
                  walk_args: dict, reuse_first_walk: bool):
         self.decoder, self.groups, self.sizes, self.ranks, self.ridge = decoder, groups, sizes, ranks, ridge
         self.scoring_ids, self.probe_ids, self.shortlist = scoring_ids, probe_ids, shortlist
-        self.walk_args = dict(walk_args, weights=token_weights)
-        # Scoring only ranks units: its matmuls run in bf16 where that is fast (statistics stay
-        # float64, the residual stream float32); the final fit runs in the model's precision.
+        # Scoring only ranks units: its matmuls run in bf16 where that is fast, and each batch's
+        # products of the (centred) statistics in float32; the running statistics stay float64 and
+        # the residual stream float32. The final fit keeps float64 products.
+        self.walk_args = dict(walk_args, weights=token_weights, product_dtype=torch.float32)
         self.device = walk_args.get("device") or next(decoder.model.parameters()).device
         self.checkpoint_every = math.ceil(decoder.num_layers / CHECKPOINTS_PER_WALK)
         self.walks = 0
