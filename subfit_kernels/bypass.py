@@ -225,17 +225,17 @@ def _config(n_rows: int, hidden: int, rank: int, device: torch.device) -> _Confi
                    _split(n_rows, hidden, rank, block_n, block_r, device))
 
 
-_tickets: dict[tuple[torch.device, int], torch.Tensor] = {}
+_tickets: dict[torch.device, torch.Tensor] = {}
 
 
 def _ticket_counters(device: torch.device, count: int) -> torch.Tensor:
-    """Zeroed int32 tickets, kept per (device, stream): each launch leaves them zero again, and
-    launches on one stream never overlap, so one set serves every launch on that stream."""
-    stream = torch.cuda.current_stream(device).cuda_stream if device.type == "cuda" else 0
-    key = (device, stream)
-    tickets = _tickets.get(key)
+    """Zeroed int32 tickets, one set per device: every launch leaves its tickets at zero again, so
+    the set serves every launch as long as launches on a device do not overlap (one stream at a
+    time, as in the decode runtime). Allocated on first use, i.e. in the warm-up before a CUDA graph
+    is captured."""
+    tickets = _tickets.get(device)
     if tickets is None or tickets.numel() < count:
-        tickets = _tickets[key] = torch.zeros(max(count, 1024), dtype=torch.int32, device=device)
+        tickets = _tickets[device] = torch.zeros(max(count, 1024), dtype=torch.int32, device=device)
     return tickets
 
 
