@@ -9,6 +9,7 @@ from __future__ import annotations
 import platform
 import subprocess
 import sys
+import time
 
 import torch
 
@@ -32,6 +33,22 @@ def nvidia_smi() -> dict[str, str]:
     query = subprocess.run(["nvidia-smi", f"--query-gpu={','.join(SMI_FIELDS)}", "--format=csv,noheader"],
                            capture_output=True, text=True, timeout=30, check=True)
     return dict(zip(SMI_FIELDS, (v.strip() for v in query.stdout.splitlines()[0].split(","))))
+
+
+def host_clock_bandwidth(device: torch.device, nbytes: int = 1 << 28) -> float:
+    """The copy bandwidth as it was measured before device events: the best of five 256 MiB copies
+    between host clock reads (synchronize on both sides). Kept beside the real figure only to
+    check bench/GPU_NOTES.md's prediction of how far off it read."""
+    src = torch.ones(nbytes // 4, device=device)
+    dst = torch.empty_like(src)
+    best = float("inf")
+    for _ in range(5):
+        torch.cuda.synchronize(device)
+        start = time.perf_counter()
+        dst.copy_(src)
+        torch.cuda.synchronize(device)
+        best = min(best, time.perf_counter() - start)
+    return 2 * src.nbytes / best
 
 
 def matmul_tflops(n: int, dtype: torch.dtype, device: torch.device) -> float:
@@ -67,6 +84,8 @@ def main() -> None:
         phase.figure("copy_bytes", nbytes)
         phase.figure("copy_bandwidth_Bps", memory_bandwidth(device, nbytes))
         print(f"copy bandwidth {phase.data['figures']['copy_bandwidth_Bps'] / 1e9:.0f} GB/s", flush=True)
+        if device.type == "cuda":
+            phase.figure("copy_bandwidth_host_clock_256MiB_Bps", host_clock_bandwidth(device))
         n, dtype = (8192, torch.bfloat16) if device.type == "cuda" else (256, torch.float32)
         with attempt(phase, "matmul"):
             phase.figure("matmul", f"{n}^3 {str(dtype).removeprefix('torch.')}")

@@ -175,7 +175,9 @@ def markdown(phases, goals, dry_run: bool) -> str:
         p = phases[n]
         lines.append(f"| {n} | {what} | {p['status']} | {_fmt(p.get('wall_s'))} ({_fmt(p.get('box_s'))}) |")
     lines += ["", "## Ceilings", "",
-              f"- copy bandwidth: {_fmt(bw and bw / 1e9)} GB/s ({_fmt(f1.get('copy_bytes'))} B copied, read + write counted)",
+              f"- copy bandwidth: {_fmt(bw and bw / 1e9)} GB/s ({_fmt(f1.get('copy_bytes'))} B copied, read + write counted, "
+              f"device events, median of 10); the former host-clock timer (256 MiB, best of 5) read "
+              f"{_fmt((f1.get('copy_bandwidth_host_clock_256MiB_Bps') or 0) / 1e9)} GB/s",
               f"- matmul: {_fmt(f1.get('matmul_tflops'))} TFLOP/s ({f1.get('matmul', '-')}, random data)",
               f"- one launch: {_fmt(f1.get('launch_us_graph'))} us in a CUDA graph, {_fmt(f1.get('launch_us_eager'))} us eager",
               f"- device: {f1.get('sms', '-')} SMs, L2 {_fmt(f1.get('l2_bytes'))} B; nvidia-smi: {json.dumps(smi)}",
