@@ -34,11 +34,11 @@ if [ -n "$DRY_RUN" ]; then
   export OMP_NUM_THREADS=1  # tiny shapes: more threads only contend
 fi
 
-# Seconds per phase: 20 + 90 + 85 + 130 + 75 = 400 of the 420 allowed on the GPU.
+# Seconds per phase: 25 + 85 + 85 + 130 + 75 = 400 of the 420 allowed on the GPU.
 if [ -n "$DRY_RUN" ]; then
   BOXES=(0 120 120 120 180 120)
 else
-  BOXES=(0 20 90 85 130 75)
+  BOXES=(0 25 85 85 130 75)
 fi
 MODULES=("" device cuda_tests kernels decode compress)
 

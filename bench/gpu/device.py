@@ -31,7 +31,7 @@ def versions() -> dict[str, str]:
 
 def nvidia_smi() -> dict[str, str]:
     query = subprocess.run(["nvidia-smi", f"--query-gpu={','.join(SMI_FIELDS)}", "--format=csv,noheader"],
-                           capture_output=True, text=True, timeout=30, check=True)
+                           capture_output=True, text=True, timeout=10, check=True)
     return dict(zip(SMI_FIELDS, (v.strip() for v in query.stdout.splitlines()[0].split(","))))
 
 

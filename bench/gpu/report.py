@@ -70,45 +70,45 @@ def targets(phases: dict[int, dict]) -> list[dict]:
     norm = dict(op="add_rms_norm", model="Llama-3.1-8B", phase="prefill")
     ours, liger = _one(phases, 3, impl="triton", **norm), _one(phases, 3, impl="liger", **norm)
     pct = ours.get("pct_copy_bw") if ours else None
-    target("add+RMSNorm 4096x4096 bf16, % of copy bandwidth", ">= 90", pct, None if pct is None else pct >= 90, "%")
+    target("add+RMSNorm 4096x4096: % of copy bandwidth", ">= 90", pct, None if pct is None else pct >= 90, "%")
     ratio = _us(liger) / _us(ours) if _us(liger) and _us(ours) else None
-    target("add+RMSNorm 4096x4096 bf16, Liger time / ours", ">= 1.0", ratio, None if ratio is None else ratio >= 1.0, "x")
+    target("add+RMSNorm 4096x4096: Liger time / ours", ">= 1.0", ratio, None if ratio is None else ratio >= 1.0, "x")
 
     bypass = dict(op="bypass_ffn", model="Llama-3.2-1B", phase="decode")
     ours, eager = _one(phases, 3, impl="triton", **bypass), _one(phases, 3, impl="eager", **bypass)
     if ours and _us(ours) and bandwidth and launch:
         floor_us = ours["bytes"] / bandwidth * 1e6 + launch
-        target("fused bypass 1 row h2048 r1024, time / (bytes / bandwidth + one launch)", "<= 1.3",
+        target("bypass 1 row h2048 r1024: time / (bytes / bandwidth + 1 launch)", "<= 1.3",
                _us(ours) / floor_us, _us(ours) / floor_us <= 1.3, "x")
     else:
-        target("fused bypass 1 row h2048 r1024, time / (bytes / bandwidth + one launch)", "<= 1.3", None, None, "x")
+        target("bypass 1 row h2048 r1024: time / (bytes / bandwidth + 1 launch)", "<= 1.3", None, None, "x")
     ratio = _us(eager) / _us(ours) if _us(eager) and _us(ours) else None
-    target("fused bypass 1 row h2048 r1024, eager reference time / ours (both in a CUDA graph)", ">= 2", ratio,
+    target("bypass 1 row h2048 r1024: eager reference time / ours (graphs)", ">= 2", ratio,
            None if ratio is None else ratio >= 2, "x")
 
     for model in ("Llama-3.2-1B", "Llama-3.1-8B"):
         row = _one(phases, 3, op="decode_attention", model=model, impl="triton", shape=_attention_shape(phases, model))
         pct = row.get("pct_copy_bw") if row else None
-        target(f"decode attention ctx 4096 batch 8 ({model}), % of copy bandwidth", ">= 70", pct,
+        target(f"decode attention ctx 4096 batch 8 {model}: % of copy BW", ">= 70", pct,
                None if pct is None else pct >= 70, "%")
 
     decode = dict(model="Llama-3.2-1B", batch=1)
     dense = _one(phases, 4, contender="runtime dense", **decode)
     roof = 100 * dense["roofline"] if dense and dense.get("roofline") is not None else None
-    target("batch-1 decode Llama-3.2-1B bf16, runtime dense % of roofline", ">= 60 (aim 75)", roof,
+    target("decode 1B batch 1: runtime dense % of roofline", ">= 60 (aim 75)", roof,
            None if roof is None else roof >= 60, "%")
     for label, goal in (("transformers static cache + torch.compile", 1.3), ("transformers eager", 3.0)):
         other = _one(phases, 4, contender=label, **decode)
         ratio = dense["tokens_per_s"] / other["tokens_per_s"] if dense and other else None
-        target(f"batch-1 decode Llama-3.2-1B, runtime dense / {label}", f">= {goal}", ratio,
+        target(f"decode 1B batch 1: runtime dense / {label}", f">= {goal}", ratio,
                None if ratio is None else ratio >= goal, "x")
     plan25 = _one(phases, 4, contender="runtime 25%", **decode)
     ratio = plan25["tokens_per_s"] / dense["tokens_per_s"] if dense and plan25 else None
-    target("batch-1 decode Llama-3.2-1B, runtime 25% / runtime dense", ">= 1.2", ratio,
+    target("decode 1B batch 1: runtime 25% / runtime dense", ">= 1.2", ratio,
            None if ratio is None else ratio >= 1.2, "x")
     runtime_rows = [r for r in phases[4]["rows"] if "kv_exact" in r]
     exact = all(r["kv_exact"] for r in runtime_rows) if runtime_rows else None
-    target("KV bytes = retained / all attention x dense, every runtime row", "exact", None, exact)
+    target("KV bytes = retained / all attention x dense (every row)", "exact", None, exact)
     return out
 
 
@@ -217,10 +217,10 @@ def closing_table(phases, goals, out: Path, dry_run: bool) -> str:
     bw = f1.get("copy_bandwidth_Bps")
     lines = ["", "=" * 100, f"GPU CHECK: {f1.get('device', '?')}   copy {_fmt(bw and bw / 1e9)} GB/s   "
              f"matmul {_fmt(f1.get('matmul_tflops'))} TFLOP/s   launch {_fmt(f1.get('launch_us_graph'))} us (graph)"]
-    lines += [f"  phase {n} {what[:40]:40s} {phases[n]['status'][:60]}" for n, what in PHASES.items()]
+    lines += [f"  phase {n} {what[:48]:48s} {phases[n]['status'][:60]}" for n, what in PHASES.items()]
     counts = phases[2]["figures"].get("counts", {})
     lines.append("  tests: " + ", ".join(f"{k} {v}" for k, v in sorted(counts.items())))
-    lines += [f"  {_met(g['met'], dry_run):12s} {g['target'][:72]:72s} {_fmt(g['measured'])}{g['unit'] if g['measured'] is not None else ''}"
+    lines += [f"  {_met(g['met'], dry_run):12s} {g['target']:66s} {_fmt(g['measured'])}{g['unit'] if g['measured'] is not None else ''}"
               f" (goal {g['goal']})" for g in goals]
     if str(phases[3]["figures"].get("liger", "")).startswith("UNAVAILABLE"):
         lines.append("  LIGER-KERNEL UNAVAILABLE: " + phases[3]["figures"]["liger"])
