@@ -56,7 +56,7 @@ def main() -> None:
         todo = [(op, name, ph, rows) for name in MODELS for op, ph, rows in specs(prefill_rows)]
         todo.sort(key=lambda spec: spec not in TARGET_CASES)  # stable: targets first, then model by model
         for done, (op, name, ph, rows) in enumerate(todo):
-            if phase.seconds_left() < 10:
+            if phase.seconds_left() < 20:  # a case (compile + four implementations) takes up to ~10 s
                 phase.note(f"time box reached: {len(todo) - done} of {len(todo)} cases not measured")
                 break
             with attempt(phase, f"{op} {name} {ph}"):
