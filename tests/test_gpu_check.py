@@ -1,5 +1,5 @@
 """bench/gpu.sh --dry-run: every phase of the one-shot GPU check runs on the CPU at tiny shapes and
-leaves its figures, so the script that a rare GPU session runs first cannot rot in between."""
+leaves its figures, so the script, which runs only where a GPU is at hand, cannot rot between runs."""
 import json
 import os
 import subprocess

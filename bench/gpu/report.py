@@ -58,7 +58,7 @@ def _us(row: dict | None) -> float | None:
 
 
 def targets(phases: dict[int, dict]) -> list[dict]:
-    """The issue's targets, each with what was measured (None: not measured in this run)."""
+    """The performance targets (bench/GPU_NOTES.md), each with what was measured (None: not in this run)."""
     figures = phases[1]["figures"]
     bandwidth, launch = figures.get("copy_bandwidth_Bps"), figures.get("launch_us_graph")
     out = []
