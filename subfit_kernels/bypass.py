@@ -226,15 +226,18 @@ def _config(n_rows: int, hidden: int, rank: int, device: torch.device) -> _Confi
 
 
 _tickets: dict[torch.device, torch.Tensor] = {}
+_outgrown: list[torch.Tensor] = []  # kept alive: a captured CUDA graph may still point at them
 
 
 def _ticket_counters(device: torch.device, count: int) -> torch.Tensor:
     """Zeroed int32 tickets, one set per device: every launch leaves its tickets at zero again, so
     the set serves every launch as long as launches on a device do not overlap (one stream at a
     time, as in the decode runtime). Allocated on first use, i.e. in the warm-up before a CUDA graph
-    is captured."""
+    is captured; 1024 tickets cover hidden sizes up to 65536."""
     tickets = _tickets.get(device)
     if tickets is None or tickets.numel() < count:
+        if tickets is not None:
+            _outgrown.append(tickets)
         tickets = _tickets[device] = torch.zeros(max(count, 1024), dtype=torch.int32, device=device)
     return tickets
 
