@@ -193,6 +193,10 @@ def markdown(phases, goals, dry_run: bool) -> str:
               f"{f3.get('dtype', '-')}; decode shapes: us per call inside a CUDA graph (inputs rotating past L2); "
               f"prefill: GB/s of the bytes that must move (% of the copy bandwidth); Liger-Kernel: {f3.get('liger', '-')}",
               ""] + kernel_table(phases)
+    errors = [f"- {r['op']} {r['model']} {r['shape']} {r['impl']}: {r['status']}" for r in phases[3]["rows"]
+              if r.get("status", "").startswith(("error", "UNAVAILABLE"))]
+    if errors:
+        lines += ["", "Implementations that did not run:", ""] + errors
     lines += ["", "## Phase 4: decode", "",
               "random-weight bf16 models; % roofline = (weights + KV read per step) / time / copy bandwidth", ""]
     lines += decode_table(phases)
@@ -202,10 +206,6 @@ def markdown(phases, goals, dry_run: bool) -> str:
               f"memory allocated {_fmt((f5.get('peak_gpu_allocated_bytes') or 0) / 1e9)} GB, reserved "
               f"{_fmt((f5.get('peak_gpu_reserved_bytes') or 0) / 1e9)} GB (the model's "
               f"{_fmt((f5.get('model_bytes') or 0) / 1e9)} GB included); sparsity {_fmt(f5.get('sparsity'))}"]
-    errors = [f"- {r['op']} {r['model']} {r['shape']} {r['impl']}: {r['status']}" for r in phases[3]["rows"]
-              if r.get("status", "").startswith(("error", "UNAVAILABLE"))]
-    if errors:
-        lines += ["", "Kernel implementations that did not run:", ""] + errors
     notes = [f"- phase {n}: {note}" for n, p in phases.items() for note in p["notes"]]
     if notes:
         lines += ["", "## Notes", ""] + notes
