@@ -1,7 +1,7 @@
 """Phase 5: compression time and peak GPU memory, Llama-3.2-1B-shaped random model at 25% on the GPU.
 
 The model is float32 (as `subfit compress` loads one) and lives on the GPU; calibration is 128 x 512
-random tokens with one selection draw on 32 scored sequences, the README's quick-start setting.
+random tokens with one selection draw on 32 scored sequences.
 """
 from __future__ import annotations
 
@@ -20,9 +20,11 @@ SCORE_SAMPLES, DRY_RUN_SCORE_SAMPLES = 32, 4
 def compress_on(model, calib_ids: torch.Tensor, device: torch.device, score_samples: int):
     """The one call of the compression API this phase makes (its progress bars show in the log how
     far a run cut by the time box got)."""
-    from subfit.compression import compress
+    from subfit import DevOptions, SubFitConfig, compress
 
-    return compress(model, SPARSITY, calib_ids, device=device, selection_draws=1, score_samples=score_samples,
+    config = SubFitConfig(calib_samples=calib_ids.shape[0], calib_len=calib_ids.shape[1], selection_draws=1,
+                          device=str(device))
+    return compress(model, SPARSITY, calib_ids, config=config, dev=DevOptions(score_samples=score_samples),
                     progress=device.type == "cuda")
 
 

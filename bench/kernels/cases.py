@@ -15,7 +15,7 @@ from typing import Callable
 import torch
 
 import subfit_kernels as K
-from subfit.compression import default_ranks
+from subfit.config import SubFitConfig
 
 EPS = 1e-5
 DECODE_ATTENTION_BATCHES = (1, 8)
@@ -42,8 +42,8 @@ class ModelShape:
     @property
     def ranks(self) -> dict[str, int]:
         """The bypass ranks `subfit compress` uses by default for this hidden size."""
-        attn, ffn = default_ranks(self.hidden)
-        return {"bypass_attn": attn, "bypass_ffn": ffn}
+        ranks = SubFitConfig().ranks(self.hidden)
+        return {"bypass_attn": ranks["attn"], "bypass_ffn": ranks["ffn"]}
 
 
 @dataclass
