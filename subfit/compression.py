@@ -10,6 +10,7 @@ from subfit import calibration, models
 from subfit.config import DevOptions, SubFitConfig, check_sparsity
 from subfit.evaluation import mean_token_loss
 from subfit.fitting import LinearFit, fit_in_basis, reduced_rank_fit, shared_basis
+from subfit.hardware import bf16_matmuls
 from subfit.models import Decoder
 from subfit.plan import Plan
 from subfit.reference import ReferenceModel
@@ -46,11 +47,10 @@ def compress_levels(model=None, levels: Sequence[float] = (0.25,), calib: Calibr
     fits each level's bypasses sequentially, each run of adjacent bypasses to the block it
     replaces (`stats.walk`, target "run").
 
-    With `config.selection_draws` K > 1 the selection runs K times, each draw scoring and probing
-    on other calibration sequences (`selection.draw_order`); per level, the draw whose plan (as its
-    scoring walk fits it) has the least next-token loss on sequences held out from all of them is
-    kept and fitted: at low sparsity the greedy commits few walks, so which sequences it scores on
-    can decide the plan (docs/method.md).
+    With `config.selection_draws` K > 1 the selection and fit run K times, each draw scoring and
+    probing on other calibration sequences (`selection.draw_order`), and per level the plan with
+    the least next-token loss on sequences held out from all of them is kept: at low sparsity the
+    greedy commits few walks, so which sequences it scores on can decide the plan (docs/method.md).
     """
     config = config or SubFitConfig()
     dev = dev or DevOptions()
@@ -77,8 +77,7 @@ def compress_levels(model=None, levels: Sequence[float] = (0.25,), calib: Calibr
     walk_args = dict(batch_size=dev.batch_size, device=config.device, progress=progress)
     fit_ids, validation_ids = validation_split(calib_ids, config.selection_draws, config.seed)
     home = next(model.parameters()).device
-    # Per level: (held-out loss, draw, removed units, their statistics in the walk that chose them).
-    best: list[tuple[float, int, list[Unit], dict] | None] = [None] * len(levels)
+    chosen: list[tuple[float, Plan] | None] = [None] * len(levels)  # per level: (held-out loss, plan)
     losses: list[list[float]] = [[] for _ in levels]
     for draw in range(config.selection_draws):
         scoring_ids, probe_ids = scoring_and_probe_ids(draw_order(fit_ids, draw, config.seed), dev.score_samples,
@@ -86,57 +85,35 @@ def compress_levels(model=None, levels: Sequence[float] = (0.25,), calib: Calibr
         selector = Selector(decoder, groups, sizes, ranks, config.ridge, scoring_ids, probe_ids, dev.shortlist,
                             walk_args, reuse_first_walk=dev.contiguous and len(levels) > 1)
         if dev.contiguous:
-            chosen = {q: selector.window(q) for q in quotas}
+            selected = {q: selector.window(q) for q in quotas}
         else:
-            chosen = selector.trajectory(quotas, int(dev.step * empty.block_params))
+            selected = selector.trajectory(quotas, int(dev.step * empty.block_params))
         del selector  # a walk's statistics and checkpoints are large: one draw's at a time
-        for i, quota in enumerate(quotas):
-            removed, stats = chosen[quota]
+        for i, (sparsity, quota) in enumerate(zip(levels, quotas)):
+            removed, stats = selected[quota]
+            plan = Plan.empty(decoder, source)
+            plan.method = {"name": "subfit", "sparsity": sparsity, "config": config.record(),
+                           "options": dev.record(), "calibration": calib_info}
+            if not dev.bypass:
+                for kind, layer in removed:
+                    plan.actions(kind)[layer] = "delete"
+            elif removed:
+                plan.method["bypass_errors"] = _fit_bypasses(plan, decoder, fit_ids, removed, stats, ranks,
+                                                             config.ridge, walk_args)
+            plan.validate()
             loss = 0.0
-            if config.selection_draws > 1:
-                # The draws are compared as the scoring walk fitted them (no final walk per draw), on
-                # held-out sequences one at a time: a batch's logits outgrow the walks' memory.
-                scoring_plan = _plan(decoder, source, removed, stats, ranks, config.ridge, bypass=dev.bypass)
-                loss = mean_token_loss(ReferenceModel(model, scoring_plan, check_base=False),
-                                       validation_ids.to(home), 1)
+            if config.selection_draws > 1:  # one sequence at a time: a batch's logits outgrow the walks' memory
+                loss = mean_token_loss(ReferenceModel(model, plan, check_base=False), validation_ids.to(home), 1)
                 losses[i].append(loss)
-            if best[i] is None or loss < best[i][0]:
-                best[i] = (loss, draw, removed, {u: st for u, st in stats.items() if u[0] == "ffn"})
-    plans = []
-    for i, (sparsity, (_, draw, removed, ffn_stats)) in enumerate(zip(levels, best)):
-        plan = Plan.empty(decoder, source)
-        plan.method = {"name": "subfit", "sparsity": sparsity, "config": config.record(), "options": dev.record(),
-                       "calibration": calib_info}
-        if not dev.bypass:
-            for kind, layer in removed:
-                plan.actions(kind)[layer] = "delete"
-        elif removed:
-            plan.method["bypass_errors"] = _fit_bypasses(plan, decoder, fit_ids, removed, ffn_stats, ranks,
-                                                         config.ridge, walk_args)
-        if config.selection_draws > 1:
-            plan.method["selection"] = {"draw": draw, "validation_loss": losses[i],
+            if chosen[i] is None or loss < chosen[i][0]:
+                chosen[i] = (loss, plan)
+    plans = [plan for _, plan in chosen]
+    if config.selection_draws > 1:
+        for plan, level_losses in zip(plans, losses):
+            plan.method["selection"] = {"draw": level_losses.index(min(level_losses)),
+                                        "validation_loss": level_losses,
                                         "validation_samples": validation_ids.shape[0]}
-        plan.validate()
-        plans.append(plan)
     return plans
-
-
-def _plan(decoder: Decoder, source, removed: list[Unit], stats: dict, ranks: dict[str, int], ridge: float, *,
-          bypass: bool = True) -> Plan:
-    """The plan `removed` makes with bypasses fitted on the statistics of one scoring walk (each unit
-    to its own output): how the selection draws are compared without a fitting walk each."""
-    plan = Plan.empty(decoder, source)
-    if not bypass:
-        for kind, layer in removed:
-            plan.actions(kind)[layer] = "delete"
-        return plan
-    ffn = [u for u in removed if u[0] == "ffn"]
-    basis = shared_basis([stats[u].moments() for u in ffn], ranks["ffn"], ridge) if ffn else None
-    for kind, layer in removed:
-        m = stats[(kind, layer)].moments()
-        fit = reduced_rank_fit(m, ranks["attn"], ridge) if kind == "attn" else fit_in_basis(m, basis, ridge)
-        plan.set_bypass(kind, layer, as_bypass(fit))
-    return plan
 
 
 def _calibration(calib: Calibration, model, tokenizer, config: SubFitConfig) -> tuple[torch.Tensor, dict]:
@@ -169,8 +146,10 @@ def _fit_bypasses(plan: Plan, decoder: Decoder, calib_ids: torch.Tensor, removed
         fits[(kind, layer)] = reduced_rank_fit(m, ranks["attn"], ridge) if kind == "attn" else fit_in_basis(m, basis, ridge)
         return as_bypass(fits[(kind, layer)])
 
-    final_stats = walk(decoder, calib_ids, actions={u: "bypass" for u in removed}, fit=final_fit,
-                       desc="fitting bypasses", weights=token_weights, target="run", **walk_args)
+    device = walk_args.get("device") or next(decoder.model.parameters()).device
+    with bf16_matmuls(device):  # the statistics stay float64, the residual stream float32
+        final_stats = walk(decoder, calib_ids, actions={u: "bypass" for u in removed}, fit=final_fit,
+                           desc="fitting bypasses", weights=token_weights, target="run", **walk_args)
     for (kind, layer), fit in sorted(fits.items(), key=lambda item: (item[0][1], item[0][0])):
         plan.set_bypass(kind, layer, as_bypass(fit))
     return {f"{k}.{i}": final_stats[(k, i)].relative_error(f.error) for (k, i), f in fits.items()}

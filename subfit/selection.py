@@ -264,6 +264,9 @@ class Selector:
         start = parent.checkpoints.resume_layer(min(layer for _, layer in new)) if parent and new else 0
         kept = [u for g in self.groups for u in g if g[0] not in removed]
         bypasses = {u: b for u, b in parent.bypasses.items() if u[1] < start} if parent else {}
+        if parent is not None and parent is not self.first:  # the rest of the parent is made anew: free it first
+            parent.stats = {u: st for u, st in parent.stats.items() if u[1] < start}
+            parent.checkpoints.streams = {k: v for k, v in parent.checkpoints.streams.items() if k <= start}
 
         def fit_removed(kind: str, layer: int, stats) -> Bypass:
             bypasses[(kind, layer)] = as_bypass(self.candidate_fit(kind, stats))

@@ -83,12 +83,12 @@ def test_planted_linear_feedforward_is_chosen_and_fitted_exactly(stories_dir, ca
     mlp.act_fn = Ones()  # y = down(up(x)): linear, rank 16
     plan = compress(model, 0.15, calib_ids, **settings(ridge=1e-9, selection_draws=1))
     assert plan.removed_units() == ["ffn.2"]
-    # Near zero, to the bf16 rounding of the scoring walk that chose the shared basis (its matmuls
-    # run in bf16 where that is fast).
-    assert plan.method["bypass_errors"]["ffn.2"] < 1e-4
+    # Zero to the rounding of the calibration walks, whose matmuls run in bf16 where that is fast
+    # (float32 elsewhere: then to 1e-7).
+    assert plan.method["bypass_errors"]["ffn.2"] < 1e-3
     ids = calib_ids[:2, :64]
     dense = model(ids).logits.detach()
-    assert float((ReferenceModel(model, plan)(ids) - dense).norm() / dense.norm()) < 2e-3
+    assert float((ReferenceModel(model, plan)(ids) - dense).norm() / dense.norm()) < 5e-3
 
 
 def test_selection_is_submodule_level_and_non_contiguous(stories, calib_ids):
