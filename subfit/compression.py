@@ -127,7 +127,7 @@ def _calibration(calib: Calibration, model, tokenizer, config: SubFitConfig) -> 
         raise ValueError("A tokenizer is needed to build calibration data from text; pass tokenizer= "
                          "or a token tensor as calib.")
     source = None if calib is None else str(calib)
-    ids = calibration.load_calibration(source, model, tokenizer, config.calib_samples, config.calib_len, config.seed)
+    ids = calibration.load_calibration(source, model, tokenizer, *config.calibration_size(source is None), config.seed)
     return ids, calibration.describe(source, ids, config.seed)
 
 
