@@ -242,6 +242,10 @@ class SubfitLM(TemplateLM):
         but the last continuation token share one row, as in lm-eval's `hf` model."""
         collator = Collator(requests, sort_fn=lambda r: (-len(r[1] + r[2]), tuple(r[1] + r[2])),
                             group_by="contexts", group_fn=lambda r: r[1] + r[2][:-1])
+        longest = max((len(cont) for _, _, cont in requests), default=0)
+        if longest > self.max_length:
+            raise ValueError(f"A continuation of {longest} tokens does not fit max_length={self.max_length}; "
+                             "raise max_length in --model_args.")
         results = []
         for chunk in collator.get_batched(n=self.batch_size):
             # The model sees context + continuation minus its last token, left-truncated to max_length.

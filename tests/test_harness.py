@@ -99,6 +99,25 @@ def test_lm_eval_command_runs_offline_on_a_plan(plan_dir, stories, reference, as
     assert results["acc,none"] == pytest.approx(builtin["acc"])
 
 
+def test_dense_model_gives_lm_evals_own_hf_numbers(stories_dir):
+    """Without a plan, every request type returns exactly what lm-eval's `hf` model returns, with a
+    max_length short enough to truncate contexts, cut rolling windows and left-truncate prompts."""
+    from lm_eval.models.huggingface import HFLM
+
+    hf = HFLM(pretrained=str(stories_dir), device="cpu", dtype="float32", batch_size=3, max_length=16)
+    ours = SubfitLM.load(base=str(stories_dir), batch_size=3, max_length=16)
+    pairs = [("Once upon a time, there was a little girl named Lily who", " liked to play"), ("Lily liked", " cats"),
+             ("", "Tom ran"), ("Tom", " ran to the park and played")]
+    texts = [("Once upon a time, there was a little girl named Lily. She loved to play outside in the park.",),
+             ("The cat sat.",)]
+    prompts = [("Once upon a time", {"until": ["."], "max_gen_toks": 8}),
+               ("Lily and Tom went to the", {"until": ["\n"], "max_gen_toks": 8}),
+               ("The cat", {"until": ["."], "max_gen_toks": 8})]
+    for kind, args in (("loglikelihood", pairs), ("loglikelihood_rolling", texts), ("generate_until", prompts)):
+        expected = getattr(hf, kind)(requests(kind, *args), disable_tqdm=True)
+        assert getattr(ours, kind)(requests(kind, *args), disable_tqdm=True) == expected, kind
+
+
 def test_loglikelihood_is_the_reference_executors(plan_dir, stories, reference):
     tokenizer = stories[1]
     pairs = [("Once upon a time", " there was a girl"), ("Lily liked", " cats"), ("Lily liked", " dogs"),
