@@ -146,7 +146,7 @@ def build_executor(kind: str, hf_model, plan: Plan | None, tokenizer, max_length
 
 
 def load_base(plan: Plan | None, base: str | None, device: str | None, dtype: str | None):
-    """(hf_model, tokenizer, device) of the plan's base model (or of `base`, dense), on `device`
+    """(hf_model, tokenizer) of the plan's base model (or of `base`, dense), on `device`
     (default CUDA if available) in `dtype` (default bfloat16 on CUDA, float32 elsewhere)."""
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     dtype = parse_dtype(dtype, device)
@@ -154,7 +154,7 @@ def load_base(plan: Plan | None, base: str | None, device: str | None, dtype: st
         hf_model, tokenizer, _ = models.load_base(plan.base, base, dtype=dtype, device=device)
     else:
         hf_model, tokenizer, _ = models.load(base, dtype=dtype, device=device)
-    return hf_model, tokenizer, device
+    return hf_model, tokenizer
 
 
 @register_model("subfit")
@@ -176,10 +176,19 @@ class SubfitLM(TemplateLM):
              max_length: int | None = None) -> "SubfitLM":
         """Load a plan (or, without one, the dense model `base`; default the embedded SmolLM2)."""
         loaded_plan = Plan.load(plan) if plan is not None else None
-        hf_model, tokenizer, device = load_base(loaded_plan, base, device, dtype)
+        hf_model, tokenizer = load_base(loaded_plan, base, device, dtype)
+        return cls.on(hf_model, tokenizer, loaded_plan, executor=executor, batch_size=batch_size,
+                      max_length=max_length)
+
+    @classmethod
+    def on(cls, hf_model, tokenizer, plan: Plan | None, *, executor: str | None = None, batch_size: int | str = 16,
+           max_length: int | None = None) -> "SubfitLM":
+        """`plan` (None: dense) on a loaded base model, which several instances can share."""
+        device = hf_model.get_input_embeddings().weight.device
         max_length = int(max_length) if max_length is not None else default_max_length(hf_model.config)
-        return cls(build_executor(executor or default_executor(device), hf_model, loaded_plan, tokenizer, max_length), tokenizer,
-                   stop_ids=stop_token_ids(hf_model, tokenizer), max_length=max_length, batch_size=batch_size)
+        return cls(build_executor(executor or default_executor(device), hf_model, plan, tokenizer, max_length),
+                   tokenizer, stop_ids=stop_token_ids(hf_model, tokenizer), max_length=max_length,
+                   batch_size=batch_size)
 
     @classmethod
     def create_from_arg_obj(cls, arg_dict: dict, additional_config: dict | None = None) -> "SubfitLM":
@@ -379,47 +388,61 @@ def task_manager(tasks: list[str], include_path: str | os.PathLike | None):
     return TaskManager(include_path=str(include_path) if include_path is not None else None)
 
 
+def score_tasks(hf_model, tokenizer, plan: Plan | None, tasks: list[str], *, limit: int | None = None,
+                num_fewshot: int | None = None, task_index=None, batch_size: int = 16,
+                executor: str | None = None) -> dict:
+    """lm-eval `tasks` on a loaded base model with `plan` applied (None: dense), as `subfit eval`
+    reports tasks: {task: metrics, standard errors, n and per-example outcomes}."""
+    lm = SubfitLM.on(hf_model, tokenizer, plan, executor=executor, batch_size=batch_size)
+    results = lm_eval.simple_evaluate(model=lm, tasks=list(tasks), num_fewshot=num_fewshot, limit=limit,
+                                      task_manager=task_index or task_manager(tasks, None), log_samples=True)
+    return {task: task_report(results, task, results["samples"].get(task)) for task in results["results"]}
+
+
+def paired_differences(plan_tasks: dict, dense_tasks: dict) -> dict:
+    """{task: {metric: {"diff", "stderr"}}}: the plan's acc and acc_norm minus the dense model's on
+    the same examples, with the standard error of the per-example differences."""
+    from subfit.evaluation import paired_difference
+
+    paired: dict = {}
+    for task, result in plan_tasks.items():
+        paired[task] = {}
+        for metric, outcomes in PAIRED_METRICS.items():
+            if outcomes in result and outcomes in dense_tasks.get(task, {}):
+                diff, stderr = paired_difference(result, dense_tasks[task], metric)
+                paired[task][metric] = {"diff": diff, "stderr": stderr}
+    return paired
+
+
 def evaluate_tasks(plan: str | os.PathLike | None, tasks: list[str], *, base: str | None = None, dense: bool = True,
                    limit: int | None = None, num_fewshot: int | None = None, include_path: str | None = None,
                    batch_size: int = 16, device: str | None = None, dtype: str | None = None,
                    executor: str | None = None) -> dict:
     """lm-eval `tasks` on a plan and (dense=True) on its dense base, from one loaded base model: the
-    `subfit eval` report, with columns "dense" and "compressed" (or only "dense" without a plan),
-    per task each metric with its standard error and per-example outcomes, and the plan's paired
-    differences from the dense model in acc and acc_norm (`paired`)."""
-    from subfit.evaluation import paired_difference
-
+    `subfit eval` report, with columns "dense" and "compressed" (or only "dense" without a plan)
+    and the plan's paired differences from the dense model (`paired`)."""
     loaded_plan = Plan.load(plan) if plan is not None else None
-    hf_model, tokenizer, device = load_base(loaded_plan, base, device, dtype)
-    kind = executor or default_executor(device)
-    max_length = default_max_length(hf_model.config)
-    plans = {"dense": None} if loaded_plan is None or dense else {}
+    hf_model, tokenizer = load_base(loaded_plan, base, device, dtype)
+    columns = {"dense": None} if loaded_plan is None or dense else {}
     if loaded_plan is not None:
-        plans["compressed"] = loaded_plan
-    tasks_index = task_manager(tasks, include_path)
-    report: dict = {"target": str(plan) if plan is not None else (base or "default"), "executor": kind,
+        columns["compressed"] = loaded_plan
+    task_index = task_manager(tasks, include_path)
+    report: dict = {"target": str(plan) if plan is not None else (base or "default"),
+                    "executor": executor or default_executor(hf_model.get_input_embeddings().weight.device),
                     "lm_eval": {"version": lm_eval.__version__, "tasks": list(tasks), "limit": limit,
                                 "num_fewshot": num_fewshot},
                     "columns": {}, "seconds": {}}
     if loaded_plan is not None:
         report["accounting"] = loaded_plan.accounting()
-    for column, column_plan in plans.items():
-        lm = SubfitLM(build_executor(kind, hf_model, column_plan, tokenizer, max_length), tokenizer,
-                      stop_ids=stop_token_ids(hf_model, tokenizer), max_length=max_length, batch_size=batch_size)
+    for column, column_plan in columns.items():
         start = time.perf_counter()
-        results = lm_eval.simple_evaluate(model=lm, tasks=list(tasks), num_fewshot=num_fewshot, limit=limit,
-                                          task_manager=tasks_index, log_samples=True)
+        report["columns"][column] = {"tasks": score_tasks(hf_model, tokenizer, column_plan, tasks, limit=limit,
+                                                          num_fewshot=num_fewshot, task_index=task_index,
+                                                          batch_size=batch_size, executor=executor)}
         report["seconds"][column] = round(time.perf_counter() - start, 3)
-        report["columns"][column] = {"tasks": {task: task_report(results, task, results["samples"].get(task))
-                                               for task in results["results"]}}
     if {"dense", "compressed"} <= set(report["columns"]):
-        dense_tasks, report["paired"] = report["columns"]["dense"]["tasks"], {}
-        for task, result in report["columns"]["compressed"]["tasks"].items():
-            report["paired"][task] = {}
-            for metric, outcomes in PAIRED_METRICS.items():
-                if outcomes in result:
-                    diff, stderr = paired_difference(result, dense_tasks[task], metric)
-                    report["paired"][task][metric] = {"diff": diff, "stderr": stderr}
+        report["paired"] = paired_differences(report["columns"]["compressed"]["tasks"],
+                                              report["columns"]["dense"]["tasks"])
     return report
 
 

@@ -79,62 +79,70 @@ def builtin_norm_outcomes(samples: list[dict]) -> list[int]:
     return outcomes
 
 
-def compare(plan_dir: str | None, limit: int, batch_size: int, assets: Path) -> dict:
-    plan = Plan.load(plan_dir) if plan_dir else None
-    hf_model, tokenizer, _ = load_base(plan, None, "cpu", "float32")
+def compare_column(hf_model, tokenizer, plan: Plan | None, limit: int, batch_size: int, assets: Path) -> dict:
+    """Both engines on one column (the dense model, or `plan` on it)."""
     max_length = default_max_length(hf_model.config)
     files = [assets / "data" / "mc_eval" / f"{task}.jsonl" for task in TASKS]
-    index = task_manager([f"{t}_local" for t in TASKS], ROOT / "bench" / "tasks")
-    columns = {"dense": None, **({"plan": plan} if plan is not None else {})}
-    out: dict = {}
-    for column, column_plan in columns.items():
-        executor = build_executor("reference", hf_model, column_plan, tokenizer, max_length)
-        with Clock() as builtin_clock:
-            builtin = evaluate(executor.model, tokenizer, tasks=files, limit=limit, batch_size=batch_size, progress=False)
+    executor = build_executor("reference", hf_model, plan, tokenizer, max_length)
+    with Clock() as builtin_clock:
+        builtin = evaluate(executor.model, tokenizer, tasks=files, limit=limit, batch_size=batch_size, progress=False)
 
-        lm = SubfitLM(executor, tokenizer, stop_ids=stop_token_ids(hf_model, tokenizer), max_length=max_length,
-                      batch_size=batch_size)
-        model_clock = timed_requests(lm)
-        with Clock() as lm_eval_clock:
-            results = lm_eval.simple_evaluate(model=lm, tasks=[f"{t}_local" for t in TASKS], limit=limit,
-                                              task_manager=index, log_samples=True)
-
-        rows = []
-        for task in TASKS:
-            ours, theirs = builtin["tasks"][task], task_report(results, f"{task}_local", results["samples"][f"{task}_local"])
-            for metric, outcomes in (("acc", "correct"), ("acc_norm", "correct_norm")):
-                if metric not in theirs:  # lm-eval's winogrande and lambada report acc only
-                    continue
-                row = {"task": task, "metric": metric, "n": theirs["n"], "builtin": ours[metric],
-                       "lm_eval": theirs[metric], "diff_points": 100 * (theirs[metric] - ours[metric]),
-                       "differing_examples": sum(a != b for a, b in zip(ours[outcomes], theirs[outcomes]))}
-                if metric == "acc_norm":
-                    renormed = builtin_norm_outcomes(results["samples"][f"{task}_local"])
-                    row["differing_with_builtin_normaliser"] = sum(a != b for a, b in zip(ours[outcomes], renormed))
-                rows.append(row)
-        out[column] = {"rows": rows, "builtin": builtin_clock.seconds(), "lm_eval": lm_eval_clock.seconds(),
-                       "lm_eval_requests": model_clock.seconds()}
-        print(json.dumps({column: out[column]}, indent=1), flush=True)
-    return out
+    lm = SubfitLM(executor, tokenizer, stop_ids=stop_token_ids(hf_model, tokenizer), max_length=max_length,
+                  batch_size=batch_size)
+    model_clock = timed_requests(lm)
+    local = [f"{task}_local" for task in TASKS]
+    with Clock() as lm_eval_clock:
+        results = lm_eval.simple_evaluate(model=lm, tasks=local, limit=limit, log_samples=True,
+                                          task_manager=task_manager(local, ROOT / "bench" / "tasks"))
+    rows = []
+    for task in TASKS:
+        samples = results["samples"][f"{task}_local"]
+        ours, theirs = builtin["tasks"][task], task_report(results, f"{task}_local", samples)
+        for metric, outcomes in (("acc", "correct"), ("acc_norm", "correct_norm")):
+            if metric not in theirs:  # lm-eval's winogrande and lambada report acc only
+                continue
+            row = {"task": task, "metric": metric, "n": theirs["n"], "builtin": ours[metric],
+                   "lm_eval": theirs[metric], "diff_points": 100 * (theirs[metric] - ours[metric]),
+                   "differing_examples": sum(a != b for a, b in zip(ours[outcomes], theirs[outcomes]))}
+            if metric == "acc_norm":
+                renormed = builtin_norm_outcomes(samples)
+                row["differing_with_builtin_normaliser"] = sum(a != b for a, b in zip(ours[outcomes], renormed))
+            rows.append(row)
+    return {"rows": rows, "builtin": builtin_clock.seconds(), "lm_eval": lm_eval_clock.seconds(),
+            "lm_eval_requests": model_clock.seconds()}
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--plan", default=None, help="plan directory (its dense base is scored too)")
+    parser.add_argument("--plan", default=None, help="plan directory: its column is scored after the dense one")
     parser.add_argument("--limit", type=int, default=300, help="first N examples per task (default 300)")
     parser.add_argument("--batch-size", type=int, default=16, help="sequences per forward, both engines (default 16)")
     parser.add_argument("--threads", type=int, default=1,
-                        help="torch threads (default 1: CPU seconds then measure work, not spinning on a shared machine)")
-    parser.add_argument("--out", required=True, help="write OUT.json")
+                        help="torch threads (default 1: CPU seconds then measure work, not spinning on a busy machine)")
+    parser.add_argument("--out", required=True,
+                        help="OUT.json; columns it already holds with the same settings are kept, not scored again")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     assets = Path(os.environ.get("SUBFIT_ASSETS", ROOT.parent / "shared" / "assets"))
-    columns = compare(args.plan, args.limit, args.batch_size, assets)
-    report = {"command": " ".join([Path(sys.executable).name, *sys.argv]), "plan": args.plan, "limit": args.limit,
-              "batch_size": args.batch_size, "lm_eval": lm_eval.__version__, "torch": torch.__version__,
-              "threads": torch.get_num_threads(), "machine": f"{platform.machine()}, {os.cpu_count()} CPUs",
-              "columns": columns}
-    Path(args.out + ".json").write_text(json.dumps(report, indent=1) + "\n")
+    out = Path(args.out + ".json")
+    settings = {"limit": args.limit, "batch_size": args.batch_size, "threads": args.threads,
+                "lm_eval": lm_eval.__version__, "torch": torch.__version__}
+    report = json.loads(out.read_text()) if out.exists() else {}
+    if report.get("settings") != settings:
+        report = {"settings": settings, "machine": f"{platform.machine()}, {os.cpu_count()} CPUs", "commands": [],
+                  "columns": {}}
+    report["commands"].append(" ".join(["python", *sys.argv]))
+    plan = Plan.load(args.plan) if args.plan else None
+    hf_model, tokenizer = load_base(plan, None, "cpu", "float32")
+    for column, column_plan in (("dense", None), *((("plan", plan),) if plan is not None else ())):
+        tag = args.plan if column == "plan" else None
+        if column in report["columns"] and report["columns"][column]["plan"] == tag:
+            continue
+        report["columns"][column] = {"plan": tag,
+                                     **compare_column(hf_model, tokenizer, column_plan, args.limit, args.batch_size,
+                                                      assets)}
+        out.write_text(json.dumps(report, indent=1) + "\n")
+        print(json.dumps({column: report["columns"][column]}, indent=1), flush=True)
 
 
 if __name__ == "__main__":
