@@ -11,6 +11,7 @@ from rich.console import Console
 from rich.table import Table
 
 from subfit.argtypes import positive_int, sparsity
+from subfit.files import check_output, write_json
 from subfit.methods import BASELINES, METHODS
 from subfit.runtime.cli import add_commands as add_runtime_commands
 
@@ -67,7 +68,6 @@ CONFIG_OPTIONS = ("calib_samples", "calib_len", "seed", "attn_rank", "ffn_rank",
 
 def run_compress(args) -> int:
     from subfit.config import SubFitConfig
-    from subfit.files import check_output
     from subfit.plan import PLAN_FOLDER
 
     out = Path(args.out)
@@ -145,7 +145,6 @@ def add_eval(sub) -> None:
 def run_eval(args) -> int:
     from subfit import models
     from subfit.evaluation import check_perplexity_window, evaluate
-    from subfit.files import check_output, write_json
     from subfit.plan import Plan
     from subfit.reference import ReferenceModel
 
