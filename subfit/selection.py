@@ -163,20 +163,26 @@ def output_effects(
     probe_ids: torch.Tensor,
     removed: dict[Unit, Bypass | None],
     candidates: dict[Unit, Bypass],
+    *,
+    device: torch.device | str | None = None,
     scored_positions: int = 256,
 ) -> dict[Unit, float]:
     """KL(current model || current model with one more unit bypassed), per candidate, averaged
     over the probe tokens: the damage a removal does to what the model actually outputs.
 
-    The probe runs once through the current model (the `removed` units bypassed, None = deleted),
-    remembering the residual stream in front of every unit; each candidate then restarts from its
-    own unit, so the cost is one partial forward per candidate.
+    The probe goes through the current model (the `removed` units bypassed, None = deleted) one
+    layer at a time, as a walk does: each candidate's stream splits off in front of its own unit
+    and then rides along, all of them through each layer in one batch. Every layer is on `device`
+    once (a model larger than the device works), and each candidate costs one partial forward.
     """
-    order = [(kind, layer) for layer in range(decoder.num_layers) for kind in UNIT_KINDS]
-    device = next(decoder.model.parameters()).device
+    home = next(decoder.model.parameters()).device
+    device = torch.device(device) if device is not None else home
     ids = probe_ids.to(device)
+    for module in (decoder.body.embed_tokens, decoder.body.rotary_emb):
+        module.to(device)
     hidden = decoder.embed(ids)
     rotary = decoder.rotary(hidden, torch.arange(ids.shape[1], device=device)[None])
+    rows = ids.shape[0]
 
     def step(unit: Unit, h: torch.Tensor, replacement: Bypass | None = None) -> torch.Tensor:
         kind, layer = unit
@@ -187,25 +193,39 @@ def output_effects(
         normed = decoder.norm(kind, layer)(h)
         return h + (replacement(normed) if replacement is not None else decoder.run_unit(kind, layer, normed, rotary))
 
+    riders: list[Unit] = []  # candidates whose stream has split off, in the order of `stacked`
+    stacked = hidden[:0]
+    for layer in range(decoder.num_layers):
+        decoder.layers[layer].to(device)
+        for kind in UNIT_KINDS:
+            unit = (kind, layer)
+            if riders:  # every candidate stream so far passes this unit as the current model does
+                stacked = step(unit, stacked)
+            if unit in candidates:
+                stacked = torch.cat([stacked, step(unit, hidden, candidates[unit])])
+                riders.append(unit)
+            hidden = step(unit, hidden)
+        decoder.layers[layer].to(home)
+    for module in (decoder.body.embed_tokens, decoder.body.rotary_emb):
+        module.to(home)
+
     # The vocabulary projection and softmax cost as much as the layers: score a strided subset of
     # at most `scored_positions` positions (all positions still serve as attention context).
     every = max(1, ids.numel() // scored_positions)
+    head = [decoder.body.norm, decoder.model.lm_head]
+    for module in head:
+        module.to(device)
 
     def log_probs(h: torch.Tensor) -> torch.Tensor:
         return torch.log_softmax(decoder.head(h[:, every - 1::every]).float(), -1)
 
-    streams = {}
-    for unit in order:
-        streams[unit] = hidden
-        hidden = step(unit, hidden)
     reference = log_probs(hidden)
     effects = {}
-    for unit, bypass in candidates.items():
-        h = step(unit, streams[unit], bypass)
-        for later in order[order.index(unit) + 1:]:
-            h = step(later, h)
+    for unit, h in zip(riders, stacked.split(rows)):
         logp = log_probs(h)
         effects[unit] = float((reference.exp() * (reference - logp)).sum(-1).mean())
+    for module in head:
+        module.to(home)
     return effects
 
 
@@ -304,7 +324,7 @@ class Selector:
         if not every_group:
             kept = sorted(kept, key=local.__getitem__)[:max(1, self.shortlist // len(kept[0]))]
         unit_scores = output_effects(self.decoder, self.probe_ids, current.bypasses,
-                                     {u: as_bypass(current.fits[u]) for g in kept for u in g})
+                                     {u: as_bypass(current.fits[u]) for g in kept for u in g}, device=self.device)
         scores = {g: sum(unit_scores[u] for u in g) for g in kept}
         if not removed and self.reuse_first_walk:
             self.first = current
