@@ -5,6 +5,7 @@
 #
 #   bash bench/gpu.sh             # at most 7 minutes on an H200
 #   bash bench/gpu.sh --dry-run   # every phase on the CPU at tiny shapes (kernels in Triton's interpreter)
+#   bash bench/gpu.sh --compress-8b   # only compress on a Llama-3.1-8B shape, weights on the CPU (< 8 min)
 #
 # Figures go to $OUT when it is set, else bench/results/gpu/: gpu.md (tables, targets), gpu.json
 # (every figure) and gpu.log (this whole output). The report is rewritten after every phase, so a run
@@ -15,10 +16,13 @@ set -uo pipefail
 cd "$(dirname "$0")/.."
 
 DRY_RUN=""
+PHASES=(1 2 3 4 5)
+PHASE_FLAGS=""
 case "${1:-}" in
   "") ;;
   --dry-run) DRY_RUN="--dry-run" ;;
-  *) echo "usage: bash bench/gpu.sh [--dry-run]" >&2; exit 2 ;;
+  --compress-8b) PHASES=(5); PHASE_FLAGS="--8b" ;;
+  *) echo "usage: bash bench/gpu.sh [--dry-run | --compress-8b]" >&2; exit 2 ;;
 esac
 
 OUT_DIR="${OUT:-bench/results/gpu}"
@@ -40,6 +44,7 @@ if [ -n "$DRY_RUN" ]; then
 else
   BOXES=(0 25 85 85 130 75)
 fi
+if [ -n "$PHASE_FLAGS" ]; then BOXES[5]=450; fi
 MODULES=("" device cuda_tests kernels decode compress)
 
 main() {
@@ -57,12 +62,12 @@ main() {
   else
     echo "LIGER-KERNEL: no wheel in .whl/; its column will read 'unavailable' (bench/GPU_NOTES.md says how to bring it)"
   fi
-  for n in 1 2 3 4 5; do
+  for n in "${PHASES[@]}"; do
     local box="${BOXES[$n]}" start rc
     echo
     echo "== phase $n: ${MODULES[$n]} (time box ${box} s)"
     start=$(date +%s)
-    timeout -k 10 "$box" "$PYTHON" -m "bench.gpu.${MODULES[$n]}" --work "$WORK" --budget "$box" $DRY_RUN
+    timeout -k 10 "$box" "$PYTHON" -m "bench.gpu.${MODULES[$n]}" --work "$WORK" --budget "$box" $DRY_RUN $PHASE_FLAGS
     rc=$?
     echo "$rc $box $(( $(date +%s) - start ))" > "$WORK/phase$n.rc"
     echo "== phase $n: exit $rc after $(( $(date +%s) - start )) s"

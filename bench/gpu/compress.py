@@ -1,7 +1,10 @@
 """Phase 5: compression time and peak GPU memory, Llama-3.2-1B-shaped random model at 25% on the GPU.
 
 The model is float32 (as `subfit compress` loads one) and lives on the GPU; calibration is 128 x 512
-random tokens with one selection draw on 32 scored sequences.
+random tokens with one selection draw on 32 scored sequences. With `--8b` (`bash bench/gpu.sh
+--compress-8b`, its own device call): a Llama-3.1-8B-shaped model whose weights stay on the CPU,
+one layer at a time on the GPU, so the peak GPU memory is compress's own (`peak_memory`'s
+device-side terms, printed beside it).
 """
 from __future__ import annotations
 
@@ -12,7 +15,7 @@ import torch
 from bench.gpu.figures import Phase, phase_args
 from bench.gpu.shapes import random_model
 
-MODEL, SPARSITY = "Llama-3.2-1B", 0.25
+MODEL, LARGE_MODEL, SPARSITY = "Llama-3.2-1B", "Llama-3.1-8B", 0.25
 CALIB, DRY_RUN_CALIB = (128, 512), (8, 32)  # sequences x tokens
 SCORE_SAMPLES, DRY_RUN_SCORE_SAMPLES = 32, 4
 
@@ -29,16 +32,19 @@ def compress_on(model, calib_ids: torch.Tensor, device: torch.device, score_samp
 
 
 def main() -> None:
-    args = phase_args(__doc__.splitlines()[0])
-    phase = Phase(5, "compress", args)
+    args = phase_args(__doc__.splitlines()[0], {"--8b": "the Llama-3.1-8B shape, weights kept on the CPU"})
+    large = getattr(args, "8b")
+    name = LARGE_MODEL if large else MODEL
+    phase = Phase(5, "compress", args, part="8b" if large else "")
     with phase.running():
         device = torch.device("cpu" if args.dry_run else "cuda")
         samples, length = DRY_RUN_CALIB if args.dry_run else CALIB
-        phase.figure("setting", f"{MODEL}-shaped random model, float32, sparsity {SPARSITY}, calibration {samples} x "
-                                f"{length} random tokens, 1 selection draw, "
-                                f"{DRY_RUN_SCORE_SAMPLES if args.dry_run else SCORE_SAMPLES} scored, device {device}")
+        home = torch.device("cpu") if large else device
+        phase.figure("setting", f"{name}-shaped random model, float32 on {home}, sparsity {SPARSITY}, calibration "
+                                f"{samples} x {length} random tokens, 1 selection draw, "
+                                f"{DRY_RUN_SCORE_SAMPLES if args.dry_run else SCORE_SAMPLES} scored, walks on {device}")
         start = time.perf_counter()
-        model, _ = random_model(MODEL, dtype=torch.float32, device=device, dry_run=args.dry_run)
+        model, _ = random_model(name, dtype=torch.float32, device=home, dry_run=args.dry_run)
         calib_ids = torch.randint(0, model.config.vocab_size, (samples, length), generator=torch.Generator().manual_seed(0))
         phase.figure("model_build_s", time.perf_counter() - start)
         phase.figure("model_bytes", sum(p.numel() * p.element_size() for p in model.parameters()))
@@ -54,6 +60,13 @@ def main() -> None:
             phase.figure("peak_gpu_allocated_bytes", torch.cuda.max_memory_allocated())  # the model's bytes included
             phase.figure("peak_gpu_reserved_bytes", torch.cuda.max_memory_reserved())
         phase.figure("sparsity", plan.accounting()["sparsity"])
+        from subfit import DevOptions
+        from subfit.compression import peak_memory
+        from subfit.models import Decoder
+
+        stated = peak_memory(Decoder(model), samples, length,
+                             dev=DevOptions(score_samples=DRY_RUN_SCORE_SAMPLES if args.dry_run else SCORE_SAMPLES))
+        phase.figure("stated_device_bytes", sum(v for k, v in stated.items() if "model's device" not in k))
         phase.figure("removed", plan.removed_units())
 
 
