@@ -15,6 +15,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from subfit.devices import check_device
 SUPPORTED_FAMILIES = ("llama", "mistral", "qwen2", "qwen3")
 DEFAULT_MODEL = "default:smollm2"
 _DEFAULT_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -50,7 +51,7 @@ def resolve_source(name: str | os.PathLike | None) -> ModelSource:
     path = Path(name)
     if path.suffix == ".gguf":
         if not path.is_file():
-            raise FileNotFoundError(f"GGUF file {path} does not exist.")
+            raise FileNotFoundError(f"GGUF file {path} does not exist; give the path of a .gguf file.")
         return ModelSource(str(path.parent.resolve()), path.name)
     if path.is_dir():
         if not (path / "config.json").exists():
@@ -62,6 +63,9 @@ def resolve_source(name: str | os.PathLike | None) -> ModelSource:
                 + "; pass a Hugging Face model folder, a hub id or a .gguf file."
             )
         return ModelSource(str(path.resolve()))
+    if str(name).startswith((".", "/", "~")) or len(path.parts) > 2 or path.exists():
+        raise FileNotFoundError(f"{name} is not a model folder or .gguf file here (and not a Hugging Face id): "
+                                "give the path of a folder with config.json, a .gguf file, or a hub id.")
     return ModelSource(str(name))  # a hub id: transformers resolves (and caches) it
 
 
@@ -72,10 +76,25 @@ def check_family(config) -> None:
         arch = ", ".join(getattr(config, "architectures", None) or []) or "unknown"
         raise UnsupportedModelError(
             f"Model type {model_type!r} (architecture {arch}) is not supported. subfit compresses "
-            f"pre-norm decoders with a gated MLP: {', '.join(SUPPORTED_FAMILIES)}."
+            f"pre-norm decoders with a gated MLP: give a model of one of {', '.join(SUPPORTED_FAMILIES)}."
         )
     if getattr(config, "hidden_act", "silu") not in ("silu", "swish"):
         raise UnsupportedModelError(f"hidden_act={config.hidden_act!r} is not supported; subfit expects SwiGLU (silu).")
+
+
+def max_positions(config) -> int | None:
+    """The longest sequence the model was trained on (`max_position_embeddings`), when its config says."""
+    value = getattr(config, "max_position_embeddings", None)
+    return value if isinstance(value, int) and value > 0 else None
+
+
+def check_positions(limit: int | None, length: int, what: str) -> None:
+    """Refuse a sequence length beyond a model's positions (`limit`, from `max_positions`; None: no
+    limit known), naming the limit: past it RoPE extrapolates and every result is silently wrong.
+    `what` names the setting, e.g. "calib_len=1024 (--calib-len)"."""
+    if limit is not None and length > limit:
+        raise ValueError(f"{what} is longer than the model's {limit} positions (max_position_embeddings); "
+                         f"give at most {limit}.")
 
 
 def load(
@@ -88,9 +107,15 @@ def load(
     """Load (model, tokenizer, source). The model is put in eval mode with SDPA attention."""
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
+    device = check_device(device)
     source = name if isinstance(name, ModelSource) else resolve_source(name)
     kwargs = {"gguf_file": source.gguf_file} if source.gguf_file else {}
-    config = AutoConfig.from_pretrained(source.path, trust_remote_code=trust_remote_code, **kwargs)
+    try:
+        config = AutoConfig.from_pretrained(source.path, trust_remote_code=trust_remote_code, **kwargs)
+    except OSError as e:  # transformers' several-line explanation of a hub id it could not fetch
+        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise FileNotFoundError(f"Cannot load the model {source.describe()}: {reason} Give a local model folder or "
+                                ".gguf file, or a hub id that is cached or reachable.") from None
     check_family(config)
     model = AutoModelForCausalLM.from_pretrained(
         source.path, dtype=dtype, attn_implementation="sdpa", trust_remote_code=trust_remote_code, **kwargs
