@@ -10,6 +10,7 @@ from pathlib import Path
 
 import torch
 
+from subfit.errors import cause
 from subfit.models import check_positions, max_positions
 
 SELF = "self"
@@ -75,10 +76,17 @@ def from_text_file(tokenizer, path, n: int, length: int, seed: int = 0) -> torch
 
 def from_dataset(tokenizer, spec: str, n: int, length: int, seed: int = 0, text_field: str = "text") -> torch.Tensor:
     """`spec` is `ID[:CONFIG[:SPLIT]]` for `datasets.load_dataset` (needs network or a local cache)."""
-    from datasets import load_dataset
-
+    try:
+        from datasets import load_dataset
+    except ImportError:
+        raise CalibrationError(f"Calibration from hf:{spec} needs the `datasets` package: pip install datasets, "
+                               "or give a text file (--calib FILE).") from None
     name, config, split = (spec.split(":") + [None, None])[:3]
-    data = load_dataset(name, config or None, split=split or "train")
+    try:
+        data = load_dataset(name, config or None, split=split or "train")
+    except (OSError, ValueError) as e:  # unreachable hub, unknown id, config or split: datasets' own words
+        raise CalibrationError(f"Cannot load the dataset hf:{spec}: {cause(e)} Check the ID[:CONFIG[:SPLIT]], or give "
+                               "a text file (--calib FILE).") from None
     if text_field not in data.column_names:
         raise CalibrationError(f"Dataset {spec} has no column {text_field!r}; its columns are {data.column_names}.")
     text = "\n\n".join(t for t in data[text_field] if t and t.strip())

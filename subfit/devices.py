@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import torch
 
+from subfit.errors import cause
+
 
 def default_device() -> torch.device:
     """CUDA when a GPU is present, else the CPU: the runtime's default."""
@@ -35,6 +37,5 @@ def check_device(device: str | torch.device) -> torch.device:
     try:
         torch.empty(0, device=parsed)
     except Exception as e:  # each backend fails its own way (AssertionError, NotImplementedError, ...)
-        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise ValueError(f"device={str(device)!r} is not available here ({reason}); use cpu.") from None
+        raise ValueError(f"device={str(device)!r} is not available here: {cause(e)} Use cpu.") from None
     return parsed

@@ -124,6 +124,8 @@ def check_inputs(*, ppl: str | os.PathLike | None = None, tasks: Sequence[str | 
     """Check every evaluation setting and input file, before any work: `evaluate` calls it, and
     `subfit eval` before it loads the model. Returns the perplexity text and each task's examples."""
     check_perplexity_window(window, stride, max_positions)
+    if isinstance(tasks, (str, os.PathLike)):
+        raise ValueError(f"tasks={str(tasks)!r} is one path; give a list of task files, e.g. tasks=[{str(tasks)!r}].")
     _check_count("max_tokens", max_tokens, 2, optional=True, why="None: the whole text")
     _check_count("batch_size", batch_size)
     _check_count("limit", limit, optional=True, why="None: every example")

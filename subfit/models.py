@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 from subfit.devices import check_device
+from subfit.errors import cause
 SUPPORTED_FAMILIES = ("llama", "mistral", "qwen2", "qwen3")
 DEFAULT_MODEL = "default:smollm2"
 _DEFAULT_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -112,15 +113,14 @@ def load(
     kwargs = {"gguf_file": source.gguf_file} if source.gguf_file else {}
     try:
         config = AutoConfig.from_pretrained(source.path, trust_remote_code=trust_remote_code, **kwargs)
-    except OSError as e:  # transformers' several-line explanation of a hub id it could not fetch
-        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise FileNotFoundError(f"Cannot load the model {source.describe()}: {reason} Give a local model folder or "
-                                ".gguf file, or a hub id that is cached or reachable.") from None
-    check_family(config)
-    model = AutoModelForCausalLM.from_pretrained(
-        source.path, dtype=dtype, attn_implementation="sdpa", trust_remote_code=trust_remote_code, **kwargs
-    )
-    tokenizer = AutoTokenizer.from_pretrained(source.path, trust_remote_code=trust_remote_code, **kwargs)
+        check_family(config)
+        model = AutoModelForCausalLM.from_pretrained(
+            source.path, dtype=dtype, attn_implementation="sdpa", trust_remote_code=trust_remote_code, **kwargs
+        )
+        tokenizer = AutoTokenizer.from_pretrained(source.path, trust_remote_code=trust_remote_code, **kwargs)
+    except OSError as e:  # transformers' several-line explanations: a hub id it could not fetch, a missing file
+        raise FileNotFoundError(f"Cannot load the model {source.describe()}: {cause(e)} Give a model folder (config, "
+                                "weights and tokenizer) or .gguf file, or a hub id that is cached or reachable.") from None
     model.subfit_source = source  # where the weights came from: a plan made from this model records it
     return model.to(device).eval(), tokenizer, source
 
@@ -176,7 +176,23 @@ class Decoder:
         return sum(p.numel() for layer in self.layers for p in layer.parameters())
 
     # execution -------------------------------------------------------------------------
+    @property
+    def max_positions(self) -> int | None:
+        return max_positions(self.config)
+
     def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """Token embeddings of `input_ids` [batch, length], after refusing what the embedding would fail
+        on with a bare IndexError or run silently wrong: ids that are not integers or lie outside the
+        vocabulary, and sequences beyond the model's positions. Every forward here starts with it."""
+        if input_ids.dtype.is_floating_point or input_ids.dtype == torch.bool or input_ids.dim() != 2:
+            raise ValueError(f"input_ids must be integer token ids [batch, length], got {input_ids.dtype} "
+                             f"{tuple(input_ids.shape)}.")
+        vocab = self.body.embed_tokens.num_embeddings
+        if input_ids.numel() and not 0 <= int(input_ids.min()) <= int(input_ids.max()) < vocab:
+            bad = input_ids[(input_ids < 0) | (input_ids >= vocab)].unique()[:5].tolist()
+            raise ValueError(f"Token ids {bad} are outside the model's vocabulary [0, {vocab}); tokenize with the "
+                             "model's own tokenizer.")
+        check_positions(self.max_positions, input_ids.shape[1], f"A sequence of {input_ids.shape[1]} tokens")
         return self.body.embed_tokens(input_ids)
 
     def rotary(self, hidden: torch.Tensor, position_ids: torch.Tensor):

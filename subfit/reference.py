@@ -8,7 +8,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from subfit.models import Decoder, check_positions, max_positions
+from subfit.models import Decoder
 from subfit.plan import Plan
 
 
@@ -28,28 +28,14 @@ class ReferenceModel(nn.Module):
 
     @property
     def max_positions(self) -> int | None:
-        """The longest sequence the base model takes (`models.max_positions`)."""
-        return max_positions(self.decoder.config)
-
-    def check_ids(self, input_ids: torch.Tensor) -> None:
-        """Refuse what the embedding would fail on with a bare IndexError, or run silently wrong:
-        ids that are not integers or lie outside the vocabulary, sequences beyond the model's positions."""
-        if input_ids.dtype.is_floating_point or input_ids.dtype == torch.bool or input_ids.dim() != 2:
-            raise ValueError(f"input_ids must be integer token ids [batch, length], got {input_ids.dtype} "
-                             f"{tuple(input_ids.shape)}.")
-        vocab = self.decoder.body.embed_tokens.num_embeddings
-        if input_ids.numel() and not 0 <= int(input_ids.min()) <= int(input_ids.max()) < vocab:
-            bad = input_ids[(input_ids < 0) | (input_ids >= vocab)].unique()[:5].tolist()
-            raise ValueError(f"Token ids {bad} are outside the model's vocabulary [0, {vocab}); tokenize with the "
-                             "model's own tokenizer.")
-        check_positions(self.max_positions, input_ids.shape[1], f"A sequence of {input_ids.shape[1]} tokens")
+        """The longest sequence the base model takes: `evaluate` checks its window against it."""
+        return self.decoder.max_positions
 
     def action(self, kind: str, layer: int) -> str:
         return "keep" if self.plan is None else self.plan.actions(kind)[layer]
 
     @torch.no_grad()
     def hidden_states(self, input_ids: torch.Tensor) -> torch.Tensor:
-        self.check_ids(input_ids)
         dec = self.decoder
         hidden = dec.embed(input_ids)
         positions = torch.arange(input_ids.shape[1], device=input_ids.device)[None]

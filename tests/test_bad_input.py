@@ -255,6 +255,7 @@ class CountingModel:
     ({"tasks": ["{good}", "{good}"]}, "Two task files are named 'good'"),
     ({"ppl": "missing.txt"}, "missing.txt does not exist"),
     ({"ppl": "{folder}"}, "is a folder; give a text file"),
+    ({"tasks": "piqa.jsonl"}, r"tasks='piqa.jsonl' is one path; give a list of task files, e.g. tasks=\['piqa.jsonl'\]"),
 ])
 def test_evaluation_settings_are_checked_before_any_work(settings, message, stories, tinystories_file, tmp_path):
     (tmp_path / "good.jsonl").write_text(json.dumps(GOOD) + "\n")
@@ -262,7 +263,8 @@ def test_evaluation_settings_are_checked_before_any_work(settings, message, stor
     settings = {"ppl": tinystories_file, "max_tokens": 200, "window": 64, **settings}
     if settings["ppl"] == "{folder}":
         settings["ppl"] = tmp_path
-    settings["tasks"] = [tmp_path / f"{t.strip('{}')}.jsonl" for t in settings.get("tasks", [])]
+    if isinstance(settings.get("tasks"), list):
+        settings["tasks"] = [tmp_path / f"{t.strip('{}')}.jsonl" for t in settings["tasks"]]
     model = CountingModel(stories[0])
     with pytest.raises((ValueError, FileNotFoundError), match=message):
         evaluate(model, stories[1], progress=False, **settings)
@@ -403,6 +405,17 @@ def test_token_ids_are_integers_in_the_vocabulary(prompt, kwargs, message, runti
 def test_reference_model_refuses_bad_token_ids(ids, message, stories):
     with pytest.raises(ValueError, match=re.escape(message)):
         ReferenceModel(stories[0])(ids)
+
+
+@pytest.mark.parametrize("calib, message", [
+    (torch.full((20, 16), 600), "Token ids [600] are outside the model's vocabulary [0, 512)"),
+    (torch.ones(20, 513, dtype=torch.long), "A sequence of 513 tokens is longer than the model's 512 positions"),
+])
+def test_calibration_token_tensors_are_checked_by_the_first_embedding(calib, message, stories):
+    from subfit.compression import compress
+
+    with pytest.raises(ValueError, match=re.escape(message)):
+        compress(stories[0], 0.25, calib, progress=False)
 
 
 # devices ------------------------------------------------------------------------------------

@@ -62,6 +62,8 @@ CASES = [
     (["compress", "{new}/model", "--sparsity", "0.25", "--out", "{new}/plan"], "is not a model folder or .gguf file here"),
     (["compress", "{folder}", "--sparsity", "0.25", "--out", "{new}"], "has no config.json"),
     (["compress", "{gpt2}", "--sparsity", "0.25", "--out", "{new}"], "Model type 'gpt2' (architecture GPT2LMHeadModel) is not supported"),
+    (["eval", "{weightless}", "--ppl", "{text}"], "Cannot load the model {weightless}: Error no file named model.safetensors"),
+    (["eval", "{badconfig}", "--ppl", "{text}"], "config.json' is not a valid JSON file"),
     (["compress", "{new}/model.gguf", "--sparsity", "0.25", "--out", "{new}/plan"], "GGUF file {new}/model.gguf does not exist"),
     # eval
     (["eval", "{model}"], "nothing to evaluate: give --ppl FILE and/or --tasks FILE"),
@@ -123,7 +125,7 @@ CASES = [
 def places(tmp_path, stories_dir, tinystories_file, small_plan, family_model_dir) -> dict[str, str]:
     """Inputs and outputs of every kind the cases name, made under tmp_path: {name} -> path."""
     p = {name: tmp_path / name for name in ("model", "text", "empty", "blank", "latin1", "task", "badtask", "report",
-                                            "folder", "stray", "gpt2", "results")}
+                                            "folder", "stray", "gpt2", "weightless", "badconfig", "results")}
     shutil.copytree(stories_dir, p["model"])
     p["text"].write_text(tinystories_file.read_text()[:20_000])
     p["empty"].write_text("")
@@ -141,6 +143,10 @@ def places(tmp_path, stories_dir, tinystories_file, small_plan, family_model_dir
     (p["stray"] / "bypass.safetensors").write_text("mine")
     p["gpt2"].mkdir()
     (p["gpt2"] / "config.json").write_text(json.dumps({"model_type": "gpt2", "architectures": ["GPT2LMHeadModel"]}))
+    p["weightless"].mkdir()
+    shutil.copy(stories_dir / "config.json", p["weightless"])
+    p["badconfig"].mkdir()
+    (p["badconfig"] / "config.json").write_text('{"model_type": "llama",')
     p["plan"] = small_plan.save(tmp_path / "plan")
     p["annotated"] = small_plan.save(tmp_path / "annotated")
     (p["annotated"] / "notes.txt").write_text("mine")
