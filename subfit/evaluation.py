@@ -73,7 +73,7 @@ def perplexity(
     check_perplexity_window(window, stride, getattr(logits_fn, "max_positions", None))
     stride = window if stride is None else stride
     if ids.numel() < 2:
-        raise ValueError("The text has fewer than 2 tokens: nothing to score.")
+        raise ValueError("The text has fewer than 2 tokens: nothing to score; give a longer text.")
     window_nll, window_tokens, kl, agree = [], [], 0.0, 0
     spans = list(_windows(ids.numel(), window, stride))
     for start, end, first in tqdm(spans, desc="perplexity", disable=not progress, leave=False):
