@@ -30,7 +30,7 @@ EVAL_EXAMPLES = """examples:
 
 
 def add_compress(sub) -> None:
-    from subfit.config import CALIB_SAMPLES
+    from subfit.config import SAMPLED_CALIBRATION, TEXT_CALIBRATION
 
     p = sub.add_parser("compress", help="compress a model into a SubFit plan", epilog=COMPRESS_EXAMPLES,
                        formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -41,8 +41,10 @@ def add_compress(sub) -> None:
     p.add_argument("--calib", default=None,
                    help="calibration text file, or hf:ID[:CONFIG[:SPLIT]]; default: text sampled from the model")
     p.add_argument("--calib-samples", type=positive_int, default=None,
-                   help=f"calibration sequences (default {CALIB_SAMPLES})")
-    p.add_argument("--calib-len", type=positive_int, default=None, help="tokens per sequence (default 512)")
+                   help=f"calibration sequences (default {TEXT_CALIBRATION[0]} of text, {SAMPLED_CALIBRATION[0]} "
+                        f"sampled from the model)")
+    p.add_argument("--calib-len", type=positive_int, default=None,
+                   help=f"tokens per sequence (default {TEXT_CALIBRATION[1]} of text, {SAMPLED_CALIBRATION[1]} sampled)")
     p.add_argument("--seed", type=int, default=None, help="seed of calibration sampling and selection draws (default 0)")
     p.add_argument("--attn-rank", type=positive_int, default=None, help="attention bypass rank (default hidden/8)")
     p.add_argument("--ffn-rank", type=positive_int, default=None,
@@ -92,8 +94,8 @@ def run_compress(args) -> int:
         from subfit import calibration
         from subfit.baselines import compress_baseline
 
-        calib_ids = calibration.load_calibration(args.calib, model, tokenizer, config.calib_samples,
-                                                 config.calib_len, config.seed)
+        calib_ids = calibration.load_calibration(args.calib, model, tokenizer,
+                                                 *config.calibration_size(args.calib is None), config.seed)
         plan = compress_baseline(model, args.method, args.sparsity, calib_ids, source=source,
                                  calib_info=calibration.describe(args.calib, calib_ids, config.seed),
                                  device=config.device)

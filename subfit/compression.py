@@ -10,6 +10,7 @@ from subfit import calibration, models
 from subfit.config import DevOptions, SubFitConfig, check_sparsity
 from subfit.evaluation import mean_token_loss
 from subfit.fitting import LinearFit, fit_in_basis, reduced_rank_fit, shared_basis
+from subfit.hardware import bf16_matmuls
 from subfit.models import Decoder
 from subfit.plan import Plan
 from subfit.reference import ReferenceModel
@@ -39,10 +40,12 @@ def compress_levels(model=None, levels: Sequence[float] = (0.25,), calib: Calibr
     """One plan per sparsity level (in the order given), each exactly what `compress` makes at
     that level; the first scoring walk, the same for all levels, is made once.
 
-    Units are chosen greedily (`selection.Selector`): each scoring walk re-scores every kept unit
-    with the removals so far bypassed and commits `dev.step` more sparsity, the safest part of its
-    plan for the level. A final walk over all sequences fits the bypasses sequentially, each run of
-    adjacent bypasses to the block it replaces (`stats.walk`, target "run").
+    Units are chosen greedily (`selection.Selector.trajectory`): each scoring walk re-scores every
+    kept unit with the removals so far bypassed and commits `dev.step` more sparsity, the safest
+    units per parameter; a level finishes at the walk that reaches it, with that walk's best mix
+    for the room left. One trajectory serves every level. A final walk over all sequences then
+    fits each level's bypasses sequentially, each run of adjacent bypasses to the block it
+    replaces (`stats.walk`, target "run").
 
     With `config.selection_draws` K > 1 the selection and fit run K times, each draw scoring and
     probing on other calibration sequences (`selection.draw_order`), and per level the plan with
@@ -74,40 +77,41 @@ def compress_levels(model=None, levels: Sequence[float] = (0.25,), calib: Calibr
     walk_args = dict(batch_size=dev.batch_size, device=config.device, progress=progress)
     fit_ids, validation_ids = validation_split(calib_ids, config.selection_draws, config.seed)
     home = next(model.parameters()).device
-    chosen: list[tuple[float, Plan] | None] = [None] * len(levels)
-    validation_losses: list[list[float]] = [[] for _ in levels]
+    chosen: list[tuple[float, Plan] | None] = [None] * len(levels)  # per level: (held-out loss, plan)
+    losses: list[list[float]] = [[] for _ in levels]
     for draw in range(config.selection_draws):
         scoring_ids, probe_ids = scoring_and_probe_ids(draw_order(fit_ids, draw, config.seed), dev.score_samples,
                                                        dev.probe_samples)
         selector = Selector(decoder, groups, sizes, ranks, config.ridge, scoring_ids, probe_ids, dev.shortlist,
-                            walk_args, reuse_first_walk=len(levels) > 1)
+                            walk_args, reuse_first_walk=dev.contiguous and len(levels) > 1)
+        if dev.contiguous:
+            selected = {q: selector.window(q) for q in quotas}
+        else:
+            selected = selector.trajectory(quotas, int(dev.step * empty.block_params))
+        del selector  # a walk's statistics and checkpoints are large: one draw's at a time
         for i, (sparsity, quota) in enumerate(zip(levels, quotas)):
-            if dev.contiguous:
-                removed, basis_stats = selector.window(quota)
-            else:
-                removed, basis_stats = selector.trajectory(quota, int(dev.step * empty.block_params))
+            removed, stats = selected[quota]
             plan = Plan.empty(decoder, source)
-            plan.method = {"name": "subfit", "sparsity": sparsity, "config": config.record(), "options": dev.record(),
-                           "calibration": calib_info, "score_samples": scoring_ids.shape[0],
-                           "probe_samples": probe_ids.shape[0]}
+            plan.method = {"name": "subfit", "sparsity": sparsity, "config": config.record(),
+                           "options": dev.record(), "calibration": calib_info}
             if not dev.bypass:
                 for kind, layer in removed:
                     plan.actions(kind)[layer] = "delete"
             elif removed:
-                plan.method["bypass_errors"] = _fit_bypasses(plan, decoder, fit_ids, removed, basis_stats, ranks,
+                plan.method["bypass_errors"] = _fit_bypasses(plan, decoder, fit_ids, removed, stats, ranks,
                                                              config.ridge, walk_args)
             plan.validate()
             loss = 0.0
             if config.selection_draws > 1:  # one sequence at a time: a batch's logits outgrow the walks' memory
                 loss = mean_token_loss(ReferenceModel(model, plan, check_base=False), validation_ids.to(home), 1)
-                validation_losses[i].append(loss)
+                losses[i].append(loss)
             if chosen[i] is None or loss < chosen[i][0]:
                 chosen[i] = (loss, plan)
-        del selector  # a walk's statistics are large: one draw's at a time
     plans = [plan for _, plan in chosen]
     if config.selection_draws > 1:
-        for plan, losses in zip(plans, validation_losses):
-            plan.method["selection"] = {"draw": losses.index(min(losses)), "validation_loss": losses,
+        for plan, level_losses in zip(plans, losses):
+            plan.method["selection"] = {"draw": level_losses.index(min(level_losses)),
+                                        "validation_loss": level_losses,
                                         "validation_samples": validation_ids.shape[0]}
     return plans
 
@@ -123,15 +127,16 @@ def _calibration(calib: Calibration, model, tokenizer, config: SubFitConfig) -> 
         raise ValueError("A tokenizer is needed to build calibration data from text; pass tokenizer= "
                          "or a token tensor as calib.")
     source = None if calib is None else str(calib)
-    ids = calibration.load_calibration(source, model, tokenizer, config.calib_samples, config.calib_len, config.seed)
+    ids = calibration.load_calibration(source, model, tokenizer, *config.calibration_size(source is None), config.seed)
     return ids, calibration.describe(source, ids, config.seed)
 
 
 def _fit_bypasses(plan: Plan, decoder: Decoder, calib_ids: torch.Tensor, removed: list[Unit], basis_stats: dict,
                   ranks: dict[str, int], ridge: float, walk_args: dict) -> dict[str, float]:
     """One walk over all calibration sequences fitting every bypass on the inputs the compressed
-    earlier layers give it; the FeedForward bypasses share one input basis, taken from the last
-    scoring walk's statistics of the removed FeedForward units. Returns each bypass's relative error."""
+    earlier layers give it; the FeedForward bypasses share one input basis, taken from the
+    statistics of the removed FeedForward units in the scoring walk that chose them. Returns each
+    bypass's relative error."""
     ffn_units = [u for u in removed if u[0] == "ffn"]
     basis = shared_basis([basis_stats[u].moments() for u in ffn_units], ranks["ffn"], ridge) if ffn_units else None
     fits: dict[Unit, LinearFit] = {}
@@ -141,8 +146,10 @@ def _fit_bypasses(plan: Plan, decoder: Decoder, calib_ids: torch.Tensor, removed
         fits[(kind, layer)] = reduced_rank_fit(m, ranks["attn"], ridge) if kind == "attn" else fit_in_basis(m, basis, ridge)
         return as_bypass(fits[(kind, layer)])
 
-    final_stats = walk(decoder, calib_ids, actions={u: "bypass" for u in removed}, fit=final_fit,
-                       desc="fitting bypasses", weights=token_weights, target="run", **walk_args)
+    device = walk_args.get("device") or next(decoder.model.parameters()).device
+    with bf16_matmuls(device):  # the statistics stay float64, the residual stream float32
+        final_stats = walk(decoder, calib_ids, actions={u: "bypass" for u in removed}, fit=final_fit,
+                           desc="fitting bypasses", weights=token_weights, target="run", **walk_args)
     for (kind, layer), fit in sorted(fits.items(), key=lambda item: (item[0][1], item[0][0])):
         plan.set_bypass(kind, layer, as_bypass(fit))
     return {f"{k}.{i}": final_stats[(k, i)].relative_error(f.error) for (k, i), f in fits.items()}

@@ -15,7 +15,10 @@ from dataclasses import asdict, dataclass
 
 MAX_SPARSITY = 0.75  # beyond this fraction of block parameters no method here yields a usable model
 VALIDATION_SAMPLES = 16  # calibration sequences held out to choose between selection draws
-CALIB_SAMPLES = 256 + VALIDATION_SAMPLES  # default: 256 to fit on, 16 to choose between draws
+# Default calibration, sequences x tokens: of text, 256 to fit on and 16 to choose between draws; text
+# sampled from the model itself costs a decode per token, so less of it.
+TEXT_CALIBRATION = (256 + VALIDATION_SAMPLES, 512)
+SAMPLED_CALIBRATION = (64 + VALIDATION_SAMPLES, 256)
 STEP = 1 / 32  # sparsity committed per scoring walk (4 walks at 12.5%, 8 at 25%, 12 at 37.5%)
 GRANULARITIES = ("unit", "layer")
 
@@ -43,12 +46,12 @@ def _require(ok: bool, message: str) -> None:
 
 @dataclass(frozen=True)
 class SubFitConfig:
-    """What a user tunes. Defaults: 272 x 512 calibration tokens (256 to fit on, 16 held out to
-    choose between three selection draws), attention bypass rank hidden/8, FeedForward basis rank
-    hidden/2, ridge 1e-3 of the mean input variance."""
+    """What a user tunes. Defaults: 272 x 512 calibration tokens of text (256 to fit on, 16 held out
+    to choose between three selection draws) or 80 x 256 sampled from the model, attention bypass
+    rank hidden/8, FeedForward basis rank hidden/2, ridge 1e-3 of the mean input variance."""
 
-    calib_samples: int = CALIB_SAMPLES  # calibration sequences
-    calib_len: int = 512  # tokens per sequence
+    calib_samples: int | None = None  # calibration sequences (None: TEXT_ or SAMPLED_CALIBRATION's)
+    calib_len: int | None = None  # tokens per sequence (None: likewise)
     seed: int = 0  # calibration sampling, draws' orders
     attn_rank: int | None = None  # attention bypass rank (None: hidden/8)
     ffn_rank: int | None = None  # rank of the FeedForward bypasses' shared input basis (None: hidden/2)
@@ -57,10 +60,10 @@ class SubFitConfig:
     device: str | None = None  # where the layer-by-layer walk runs (None: the model's device)
 
     def __post_init__(self) -> None:
-        _require(_is_int(self.calib_samples) and self.calib_samples >= 1,
-                 f"calib_samples={self.calib_samples!r} must be a whole number of sequences >= 1.")
-        _require(_is_int(self.calib_len) and self.calib_len >= 2,
-                 f"calib_len={self.calib_len!r} must be a whole number of tokens >= 2.")
+        _require(self.calib_samples is None or (_is_int(self.calib_samples) and self.calib_samples >= 1),
+                 f"calib_samples={self.calib_samples!r} must be a whole number of sequences >= 1, or None.")
+        _require(self.calib_len is None or (_is_int(self.calib_len) and self.calib_len >= 2),
+                 f"calib_len={self.calib_len!r} must be a whole number of tokens >= 2, or None.")
         _require(_is_int(self.seed), f"seed={self.seed!r} must be a whole number.")
         for name in ("attn_rank", "ffn_rank"):
             rank = getattr(self, name)
@@ -70,7 +73,7 @@ class SubFitConfig:
                  f"ridge={self.ridge!r} must be a positive number (e.g. 1e-3): it keeps every solve well conditioned.")
         _require(_is_int(self.selection_draws) and self.selection_draws >= 1,
                  f"selection_draws={self.selection_draws!r} must be a whole number >= 1 (1: one greedy selection).")
-        _require(self.selection_draws == 1 or self.calib_samples >= VALIDATION_SAMPLES + 2,
+        _require(self.selection_draws == 1 or self.calib_samples is None or self.calib_samples >= VALIDATION_SAMPLES + 2,
                  f"selection_draws={self.selection_draws} holds out {VALIDATION_SAMPLES} calibration sequences to "
                  f"choose between draws and needs at least 2 more to fit on, but calib_samples={self.calib_samples}. "
                  f"Give more calibration (--calib-samples) or use one draw (--selection-draws 1).")
@@ -80,6 +83,12 @@ class SubFitConfig:
             from subfit.devices import check_device  # torch: only when a device is named
 
             check_device(self.device)
+
+    def calibration_size(self, sampled: bool) -> tuple[int, int]:
+        """(sequences, tokens per sequence) of calibration text from a file or dataset, or `sampled`
+        from the model."""
+        samples, length = SAMPLED_CALIBRATION if sampled else TEXT_CALIBRATION
+        return self.calib_samples or samples, self.calib_len or length
 
     def ranks(self, hidden_size: int) -> dict[str, int]:
         """Bypass ranks for a model of `hidden_size`: attention hidden/8 and FeedForward hidden/2 by

@@ -15,6 +15,7 @@ import torch
 
 from subfit.config import VALIDATION_SAMPLES
 from subfit.fitting import LinearFit, reduced_rank_fit
+from subfit.hardware import bf16_matmuls
 from subfit.models import UNIT_KINDS, Decoder
 from subfit.plan import Bypass, Plan
 from subfit.stats import Checkpoints, Unit, UnitStats, walk
@@ -239,7 +240,11 @@ class Selector:
                  walk_args: dict, reuse_first_walk: bool):
         self.decoder, self.groups, self.sizes, self.ranks, self.ridge = decoder, groups, sizes, ranks, ridge
         self.scoring_ids, self.probe_ids, self.shortlist = scoring_ids, probe_ids, shortlist
-        self.walk_args = dict(walk_args, weights=token_weights)
+        # Scoring only ranks units: its matmuls run in bf16 where that is fast, and each batch's
+        # products of the (centred) statistics in float32; the running statistics stay float64 and
+        # the residual stream float32. The final fit keeps float64 products.
+        self.walk_args = dict(walk_args, weights=token_weights, product_dtype=torch.float32)
+        self.device = walk_args.get("device") or next(decoder.model.parameters()).device
         self.checkpoint_every = math.ceil(decoder.num_layers / CHECKPOINTS_PER_WALK)
         self.walks = 0
         # The first walk (nothing removed) is the same for every level: kept, with its checkpoints,
@@ -259,6 +264,9 @@ class Selector:
         start = parent.checkpoints.resume_layer(min(layer for _, layer in new)) if parent and new else 0
         kept = [u for g in self.groups for u in g if g[0] not in removed]
         bypasses = {u: b for u, b in parent.bypasses.items() if u[1] < start} if parent else {}
+        if parent is not None and parent is not self.first:  # the rest of the parent is made anew: free it first
+            parent.stats = {u: st for u, st in parent.stats.items() if u[1] < start}
+            parent.checkpoints.streams = {k: v for k, v in parent.checkpoints.streams.items() if k <= start}
 
         def fit_removed(kind: str, layer: int, stats) -> Bypass:
             bypasses[(kind, layer)] = as_bypass(self.candidate_fit(kind, stats))
@@ -283,6 +291,10 @@ class Selector:
         if not removed and self.first is not None and every_group in self.first_scores:
             self.last = self.first
             return self.first_scores[every_group], self.first.stats
+        with bf16_matmuls(self.device):
+            return self._score(removed, every_group)
+
+    def _score(self, removed: list[Unit], every_group: bool) -> tuple[dict[Group, float], dict]:
         current = self.first if not removed and self.first is not None else self._walk(removed)
         kept = [g for g in self.groups if g[0] not in removed]
         local = {g: sum(current.stats[u].relative_error(current.fits[u].error) for u in g) / self.sizes[g]
@@ -300,32 +312,38 @@ class Selector:
         self.last = current
         return scores, current.stats
 
-    def trajectory(self, quota: int, step: int) -> tuple[list[Unit], dict]:
-        """Greedy removal up to `quota` parameters: each walk plans the room left (the mix of
-        groups that fills it best at the least damage) and commits the safest part of that plan,
-        by damage per parameter, until `step` more parameters are removed; the last walk commits
-        all of it. Returns the removed units and the last walk's statistics of the removed
-        FeedForwards (that walk saw every one of them), for their shared basis."""
-        removed: list[Unit] = []
-        used, stats = 0, {}
-        for mark in [k * step for k in range(1, math.ceil(quota / step))] + [quota] if quota else []:
-            scores, stats = self.score(removed, every_group=False)
-            planned = greedy_select(scores, self.sizes, quota - used)
-            for group in sorted(planned, key=lambda g: scores[g] / self.sizes[g]):
-                if used >= mark:
-                    break
-                removed += group
-                used += self.sizes[group]
-        return removed, _basis_stats(stats, removed)
+    def trajectory(self, quotas: list[int], step: int) -> dict[int, tuple[list[Unit], dict[Unit, UnitStats]]]:
+        """One greedy trajectory serving every quota (parameters to remove): each walk commits the
+        safest groups by damage per parameter until `step` more parameters are removed. A quota
+        finishes at the walk where it would be reached (or passed by the walk's commit): that walk's
+        best mix for the room left (`greedy_select`) completes it. The trajectory does not depend on
+        the quotas, so several levels share its walks and each is what it would be alone.
 
-    def window(self, quota: int) -> tuple[list[Unit], dict]:
+        Returns, per quota, the removed units and the statistics of the finishing walk for them."""
+        removed: list[Unit] = []
+        used, mark, done = 0, 0, {}
+        open_quotas = sorted(q for q in set(quotas) if q > 0)
+        done.update({q: ([], {}) for q in quotas if q <= 0})
+        while open_quotas:
+            mark += step
+            scores, stats = self.score(removed, every_group=False)
+            commit = []
+            for group in sorted(scores, key=lambda g: (scores[g] / self.sizes[g], g)):
+                if used + sum(self.sizes[g] for g in commit) >= mark:
+                    break
+                commit.append(group)
+            after = used + sum(self.sizes[g] for g in commit)
+            for quota in [q for q in open_quotas if q <= mark or after > q]:
+                finished = removed + [u for g in greedy_select(scores, self.sizes, quota - used) for u in g]
+                done[quota] = finished, {u: stats[u] for u in finished}
+                open_quotas.remove(quota)
+            removed += [u for g in commit for u in g]
+            used = after
+        return done
+
+    def window(self, quota: int) -> tuple[list[Unit], dict[Unit, UnitStats]]:
         """The contiguous ablation: the best run of groups under `quota`, scored in one walk."""
         scores, stats = self.score([], every_group=True)
         order = [g for g in self.groups if g in scores]
         removed = [u for g in best_window(order, scores, self.sizes, quota) for u in g]
-        return removed, _basis_stats(stats, removed)
-
-
-def _basis_stats(stats: dict, removed: list[Unit]) -> dict:
-    """The statistics the final fit still needs: the removed FeedForwards', for their shared basis."""
-    return {u: stats[u] for u in removed if u[0] == "ffn"}
+        return removed, {u: stats[u] for u in removed}

@@ -27,45 +27,51 @@ def uniform_weights(hidden: torch.Tensor) -> torch.Tensor:
 
 
 class UnitStats:
-    """Streaming float64 sums of a unit's input x (after its RMSNorm) and output y."""
+    """Streaming weighted statistics of a unit's input x (after its RMSNorm) and output y: float64
+    means and centred co-moments, merged batch by batch (the pairwise update of Chan, Golub and
+    LeVeque). Each batch is centred on its own mean before its products are formed, so no large
+    mean cancels at the end; `product_dtype` is the precision of those per-batch products (float64
+    for the final fits; float32 ranks units as well and is twice as fast on a CPU)."""
 
-    def __init__(self, d_in: int, d_out: int, device):
+    def __init__(self, d_in: int, d_out: int, device, product_dtype: torch.dtype = torch.float64):
         f64 = dict(dtype=torch.float64, device=device)
+        self.product_dtype = product_dtype
         self.weight = torch.zeros((), **f64)
-        self.sum_x = torch.zeros(d_in, **f64)
-        self.sum_y = torch.zeros(d_out, **f64)
-        self.xx = torch.zeros(d_in, d_in, **f64)
-        self.xy = torch.zeros(d_in, d_out, **f64)
-        self.yy = torch.zeros((), **f64)
+        self.mean_x = torch.zeros(d_in, **f64)
+        self.mean_y = torch.zeros(d_out, **f64)
+        self.xx = torch.zeros(d_in, d_in, **f64)  # sum of w (x - mean_x)(x - mean_x)^T
+        self.xy = torch.zeros(d_in, d_out, **f64)  # sum of w (x - mean_x)(y - mean_y)^T
+        self.yy = torch.zeros((), **f64)  # sum of w ||y - mean_y||^2
         self.energy = torch.zeros((), **f64)  # sum of w * ||h||^2: the stream the error is relative to
         self.tokens = 0
 
     def add(self, x: torch.Tensor, y: torch.Tensor, hidden: torch.Tensor, w: torch.Tensor) -> None:
         d_in = x.shape[-1]
-        xy = torch.cat([x.reshape(-1, d_in), y.reshape(-1, y.shape[-1])], 1).double()  # one GEMM for both
-        x, y, w = xy[:, :d_in], xy[:, d_in:], w.reshape(-1, 1)
-        wx = w * x
-        self.weight += w.sum()
-        self.sum_x += wx.sum(0)
-        self.sum_y += (w * y).sum(0)
-        gram = wx.T @ xy
-        self.xx += gram[:, :d_in]
-        self.xy += gram[:, d_in:]
-        self.yy += (w * y.pow(2)).sum()
+        z = torch.cat([x.reshape(-1, d_in), y.reshape(-1, y.shape[-1])], 1).double()  # one GEMM for x and y
+        w = w.reshape(-1, 1).double()
+        weight = w.sum()
+        mean = (w * z).sum(0) / weight
+        centred = z - mean
+        wx = (w * centred[:, :d_in]).to(self.product_dtype)
+        gram = (wx.T @ centred.to(self.product_dtype)).double()
+        yy = (w[:, 0] * centred[:, d_in:].pow(2).sum(-1)).sum()
+        # Merge the batch's centred moments into the running ones.
+        total = self.weight + weight
+        shift = torch.cat([self.mean_x, self.mean_y]) - mean  # running mean minus batch mean
+        scale = self.weight * weight / total
+        self.xx += gram[:, :d_in] + scale * torch.outer(shift[:d_in], shift[:d_in])
+        self.xy += gram[:, d_in:] + scale * torch.outer(shift[:d_in], shift[d_in:])
+        self.yy += yy + scale * shift[d_in:].pow(2).sum()
+        merged = mean + shift * (self.weight / total)
+        self.mean_x, self.mean_y = merged[:d_in], merged[d_in:]
+        self.weight = total
         self.energy += (w[:, 0] * hidden.reshape(-1, hidden.shape[-1]).double().pow(2).sum(-1)).sum()
-        self.tokens += x.shape[0]
+        self.tokens += z.shape[0]
 
     def moments(self) -> Moments:
         n = self.weight
-        mean_x, mean_y = self.sum_x / n, self.sum_y / n
-        return Moments(
-            weight=float(n),
-            mean_x=mean_x,
-            mean_y=mean_y,
-            cov_xx=self.xx / n - torch.outer(mean_x, mean_x),
-            cov_xy=self.xy / n - torch.outer(mean_x, mean_y),
-            var_y=float(self.yy / n - mean_y.pow(2).sum()),
-        )
+        return Moments(weight=float(n), mean_x=self.mean_x, mean_y=self.mean_y, cov_xx=self.xx / n,
+                       cov_xy=self.xy / n, var_y=float(self.yy / n))
 
     def relative_error(self, error: float) -> float:
         """A fit's injected error relative to the residual stream, in the weighting's metric."""
@@ -99,6 +105,7 @@ def walk(
     fit: Callable[[str, int, UnitStats], Bypass] | None = None,
     collect: Iterable[Unit] = (),
     weights: Weights = uniform_weights,
+    product_dtype: torch.dtype = torch.float64,
     batch_size: int = 8,
     device: str | torch.device | None = None,
     hooks: Iterable[Hook] = (),
@@ -115,7 +122,8 @@ def walk(
     gathered first, then `fit(kind, layer, stats)` returns its bypass, which replaces the unit for
     the rest of the walk. Statistics are also returned for every unit in `collect`. `hooks` see
     the residual stream before and after each unit (baseline scores use them). `weights` gives each
-    token's weight in the statistics (the selection's metric weighs tokens per stream size).
+    token's weight in the statistics (the selection's metric weighs tokens per stream size);
+    `product_dtype` the precision of each batch's products (`UnitStats`).
 
     A bypassed unit's fit target is the stream after it on a reference path, minus the compressed
     stream before it. `target="unit"`: the reference is the compressed stream itself, so the target
@@ -160,7 +168,7 @@ def walk(
             if action not in ("keep", "bypass", "delete"):
                 raise ValueError(f"Unknown action {action!r} for unit {unit}.")
             norm = decoder.norm(kind, layer)
-            unit_stats = UnitStats(d, d, device) if (unit in collect or action == "bypass") else None
+            unit_stats = UnitStats(d, d, device, product_dtype) if (unit in collect or action == "bypass") else None
             if unit_stats is not None:
                 stats[unit] = unit_stats
             # A kept unit's output is added as soon as it is computed; a bypassed unit needs the

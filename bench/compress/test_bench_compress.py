@@ -1,11 +1,14 @@
-"""Compression cost on this machine: SmolLM2-135M at 25% with 128 x 512 calibration tokens and
-one selection draw on 32 scoring sequences (the default until session 17, kept so the committed
-numbers stay comparable; the default, three draws on 272 sequences with 64 scored, took 5.5-7x as
-long at 12.5%, bench/results/refit_125_smollm2.md).
+"""What compress costs on this machine, and what its plans are worth: SmolLM2-135M-Instruct.
 
-Run: `pytest bench/compress --benchmark-only -s`. The job runs in a child process so its peak
-resident memory (loading, calibration, every walk) is measured alone; the table goes to
-bench/results/compress_<device>.md. Target on the 2-core CPU: under 10 minutes, under 4 GB.
+Run: `pytest bench/compress --benchmark-only -s` (about an hour on the 2-core CPU). Three jobs, each
+in a child process so its peak resident memory is its own, all with compress's defaults:
+
+- `self`: the quick start, `subfit compress --sparsity 0.25 --out DIR` (text sampled from the model);
+- `wiki`: `subfit compress --sparsity 0.25 --calib wiki_passages.txt --out DIR`;
+- `levels`: `subfit.compress_levels` at the five levels 12.5%-37.5% on wiki_passages.txt in one call.
+
+Every plan is then scored on WikiText-2 (window 1024, first 16,384 tokens) as a ratio to the dense
+model. The table goes to bench/results/compress_<device>.md (+ .json). No time is asserted.
 """
 from __future__ import annotations
 
@@ -14,6 +17,7 @@ import os
 import platform
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -21,50 +25,76 @@ import pytest
 ROOT = Path(__file__).resolve().parents[2]
 ASSETS = Path(os.environ.get("SUBFIT_ASSETS", ROOT.parent / "shared" / "assets"))
 CALIB = ASSETS / "data" / "calib" / "wiki_passages.txt"
-JOB = """
-import json, resource, sys, time, torch
-from subfit import models
-from subfit.compression import compress
-start = time.perf_counter()
+WIKITEXT = ASSETS / "data" / "wikitext-2-raw" / "wiki.test.raw"
+LEVELS = (0.125, 0.1875, 0.25, 0.3125, 0.375)
+RESULTS: dict[str, dict] = {}
+
+# Every job reports its own peak resident memory when it exits.
+PEAK = ("import atexit, resource, sys\n"
+        "atexit.register(lambda: print('PEAK_RSS_KB', resource.getrusage(resource.RUSAGE_SELF).ru_maxrss, file=sys.stderr))\n")
+CLI_JOB = PEAK + "from subfit.cli import main\nsys.exit(main(sys.argv[1:]))\n"
+LEVELS_JOB = PEAK + """from subfit import compress_levels, models
 model, tokenizer, _ = models.load(None)
-loaded = time.perf_counter()
-plan = compress(model, 0.25, sys.argv[1], tokenizer=tokenizer, calib_samples=128, calib_len=512,
-                score_samples=32, selection_draws=1, progress=False)
-done = time.perf_counter()
-print(json.dumps({"load_s": loaded - start, "compress_s": done - loaded, "total_s": done - start,
-                  "peak_rss_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6,
-                  "threads": torch.get_num_threads(), "removed": plan.removed_units(),
-                  "sparsity": plan.accounting()["sparsity"]}))
+for level, plan in zip({levels}, compress_levels(model, {levels}, sys.argv[1], tokenizer=tokenizer, progress=False)):
+    plan.save(f"{{sys.argv[2]}}/{{level:g}}")
 """
 
+pytestmark = pytest.mark.skipif(not (CALIB.exists() and WIKITEXT.exists()), reason=f"{ASSETS} lacks the texts: set SUBFIT_ASSETS")
 
-@pytest.mark.skipif(not CALIB.exists(), reason=f"{CALIB} not found: set SUBFIT_ASSETS")
-def test_compress_smollm2_25(benchmark):
-    def run() -> dict:
-        out = subprocess.run([sys.executable, "-c", JOB, str(CALIB)], capture_output=True, text=True, check=True)
-        return json.loads(out.stdout.strip().splitlines()[-1])
 
-    result = benchmark.pedantic(run, rounds=1, iterations=1)
+def run(argv: list[str]) -> dict:
+    """Run a child process; its wall time and peak resident memory."""
+    start = time.perf_counter()
+    done = subprocess.run(argv, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    seconds = time.perf_counter() - start
+    peak_kb = int(done.stderr.rsplit("PEAK_RSS_KB", 1)[1].split()[0])
+    return {"seconds": seconds, "peak_rss_gb": peak_kb / 2**20}
+
+
+def ppl_ratio(plan_dir: Path) -> float:
+    """WikiText-2 perplexity of the plan over the dense model's, measured side by side."""
+    report = plan_dir.parent / f"{plan_dir.name}.eval.json"
+    subprocess.run([sys.executable, "-m", "subfit.cli", "eval", str(plan_dir), "--ppl", str(WIKITEXT), "--window",
+                    "1024", "--max-tokens", "16384", "--json", str(report)], check=True, stdout=subprocess.DEVNULL)
+    columns = json.loads(report.read_text())["columns"]
+    return columns["compressed"]["perplexity"]["ppl"] / columns["dense"]["perplexity"]["ppl"]
+
+
+@pytest.mark.parametrize("job", ["self", "wiki", "levels"])
+def test_compress_cost_and_quality(job, benchmark, tmp_path):
+    out = tmp_path / job
+    if job == "levels":
+        argv = [sys.executable, "-c", LEVELS_JOB.format(levels=list(LEVELS)), str(CALIB), str(out)]
+    else:
+        argv = [sys.executable, "-c", CLI_JOB, "compress", "--sparsity", "0.25", "--out", str(out)]
+        argv += ["--calib", str(CALIB)] if job == "wiki" else []
+    result = benchmark.pedantic(run, args=(argv,), rounds=1, iterations=1)
+    plans = {level: out / f"{level:g}" for level in LEVELS} if job == "levels" else {0.25: out}
+    result["ppl_ratio"] = {f"{level:g}": ppl_ratio(path) for level, path in plans.items()}
+    result["sparsity"] = {f"{level:g}": json.loads((path / "plan.json").read_text())["accounting"]["sparsity"]
+                          for level, path in plans.items()}
     benchmark.extra_info.update(result)
-    device = "cpu"
-    lines = [
-        f"# Compression cost: SmolLM2-135M-Instruct, sparsity 0.25, 128 x 512 calibration tokens",
-        "",
-        f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch threads {result['threads']}",
-        "",
-        "| step | value |",
-        "|---|---|",
-        f"| load model (GGUF dequantize) | {result['load_s']:.0f} s |",
-        f"| compress (calibration, scoring walks, fitting) | {result['compress_s']:.0f} s |",
-        f"| total | {result['total_s']:.0f} s ({result['total_s'] / 60:.1f} min; target < 10 min) |",
-        f"| peak resident memory | {result['peak_rss_gb']:.2f} GB (target < 4 GB) |",
-        f"| achieved sparsity | {result['sparsity']:.4f} |",
-        "",
-        f"removed units: {', '.join(result['removed'])}",
-        "",
-        "measured with `pytest bench/compress --benchmark-only -s`",
-    ]
+    RESULTS[job] = result
+    if len(RESULTS) == 3:
+        write_results()
+
+
+def write_results() -> None:
+    import torch
+
+    machine = f"{platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}, {torch.get_num_threads()} threads"
+    names = {"self": "`subfit compress --sparsity 0.25` (text sampled from the model)",
+             "wiki": "`subfit compress --sparsity 0.25 --calib wiki_passages.txt`",
+             "levels": "`compress_levels` at 12.5%, 18.75%, 25%, 31.25%, 37.5% on wiki_passages.txt, one call"}
+    lines = ["# Compress: cost and quality, SmolLM2-135M-Instruct, compress's defaults", "",
+             f"`pytest bench/compress --benchmark-only -s` on {machine}. Time includes loading the model; WikiText-2 "
+             "perplexity (window 1024, first 16,384 tokens) as a ratio to the dense model.", "",
+             "| job | time | peak memory | exact sparsity | WikiText-2, x dense |", "|---|---:|---:|---:|---:|"]
+    for job, result in RESULTS.items():
+        levels = ", ".join(result["sparsity"])
+        lines.append(f"| {names[job]} | {result['seconds'] / 60:.1f} min | {result['peak_rss_gb']:.2f} GB | "
+                     + ", ".join(f"{v:.3f}" for v in result["sparsity"].values()) + " | "
+                     + ", ".join(f"{v:.2f}x" for v in result["ppl_ratio"].values()) + f" |  <!-- {levels} -->")
     results = ROOT / "bench" / "results"
-    results.mkdir(parents=True, exist_ok=True)
-    (results / f"compress_{device}.md").write_text("\n".join(lines) + "\n")
-    (results / f"compress_{device}.json").write_text(json.dumps(result, indent=1))
+    (results / "compress_cpu.md").write_text("\n".join(lines) + "\n")
+    (results / "compress_cpu.json").write_text(json.dumps({"machine": machine, "jobs": RESULTS}, indent=1) + "\n")

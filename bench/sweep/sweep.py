@@ -22,7 +22,7 @@ from sweep_report import level_tag, output_paths, write_outputs
 from sweep_variants import DELETION_OF_SUBFIT, SECONDARY_TASKS, VARIANTS
 
 from subfit.argtypes import BAD_INPUT, ArgumentParser, positive_int, refuse, sparsity
-from subfit.config import CALIB_SAMPLES, DevOptions, SubFitConfig
+from subfit.config import TEXT_CALIBRATION, DevOptions, SubFitConfig
 from subfit.files import write_json
 
 LEVELS = (0.125, 0.1875, 0.25, 0.3125, 0.375)
@@ -38,8 +38,8 @@ class SweepConfig:
     cache: str  # cache folder (plans, statistics, evaluations)
     ppl: str | None = None  # text file for perplexity
     tasks: list[str] = field(default_factory=list)  # task files (.jsonl, subfit.evaluate formats)
-    calib_samples: int = CALIB_SAMPLES
-    calib_len: int = 512
+    calib_samples: int = TEXT_CALIBRATION[0]
+    calib_len: int = TEXT_CALIBRATION[1]
     seed: int = 0
     levels: list[float] = field(default_factory=lambda: list(LEVELS))
     methods: list[str] = field(default_factory=lambda: list(VARIANTS))

@@ -9,6 +9,9 @@ bypass_module = importlib.import_module("subfit_kernels.bypass")  # the package 
 
 # (leading shape, hidden, rank): 1-64 rows take the split-hidden decode path, 130 the prefill path
 SHAPES = [((1,), 64, 8), ((3,), 67, 16), ((17,), 576, 64), ((2, 5), 96, 40), ((130,), 67, 24), ((1,), 576, 256)]
+# decode shapes cut into many slices on an H100-sized GPU; the Llama-3.2-1B FeedForward bypass shape
+# takes ~15 s in the interpreter, so it runs on CUDA only
+MANY_SPLITS = [((1,), 576, 256), ((5,), 1000, 320)] + ([((2,), 2048, 1024)] if torch.cuda.is_available() else [])
 EPS = 1e-5
 
 
@@ -45,12 +48,43 @@ def test_in_place_residual_update(device):
 
 def test_decode_and_prefill_paths_agree(device):
     """The first rows of a prefill-sized call equal the same rows run alone on the decode path."""
-    x, residual, norm_weight, down, up, bias = make((130,), 200, 24, torch.float32, device)
-    assert bypass_module._config(3, 200, 24, torch.device(device)).splits > 1
-    assert bypass_module._config(130, 200, 24, torch.device(device)).splits == 1
-    prefill = fused_bypass(x, residual, norm_weight, EPS, down, up, bias, backend="triton")
-    decode = fused_bypass(x[:3], residual[:3], norm_weight, EPS, down, up, bias, backend="triton")
-    torch.testing.assert_close(decode, prefill[:3], rtol=1e-5, atol=1e-5)
+    x, residual, norm_weight, down, up, bias = make((130,), 200, 160, torch.float32, device)
+    decode = bypass_module._config(3, 200, 160, torch.device(device))
+    assert decode.down.splits > 1 and decode.up.splits > 1
+    prefill = bypass_module._config(130, 200, 160, torch.device(device))
+    assert prefill.down.splits == prefill.up.splits == 1
+    whole = fused_bypass(x, residual, norm_weight, EPS, down, up, bias, backend="triton")
+    rows = fused_bypass(x[:3], residual[:3], norm_weight, EPS, down, up, bias, backend="triton")
+    torch.testing.assert_close(rows, whole[:3], rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("shape", MANY_SPLITS, ids=str)
+def test_many_splits_at_decode(shape, dtype, device, poison, references, assert_close, monkeypatch):
+    """An H100-sized SM count cuts both products into many slices: the ticketed reduction of their
+    partials gives the reference, and leaves every ticket at zero for the next launch."""
+    monkeypatch.setattr(bypass_module, "num_sms", lambda device: 132)
+    lead, hidden, rank = shape
+    cfg = bypass_module._config(lead[0], hidden, rank, torch.device(device))
+    assert cfg.down.splits >= 4 and cfg.up.splits >= 4
+    args = make(lead, hidden, rank, dtype, device)
+    ref32, ref_lowp = references(fused_bypass_reference, *args[:3], EPS, *args[3:])
+    for _ in range(2):  # a second launch finds the tickets reset
+        out = poison(args[1].shape, dtype, device)
+        fused_bypass(*args[:3], EPS, *args[3:], out=out, backend="triton")
+        assert_close(out, ref32, ref_lowp)
+    assert not bypass_module._tickets[args[3].device].any(), "a ticket counter was left non-zero"
+
+
+def test_float16_operand_cannot_overflow(device):
+    """h * norm_weight beyond float16's range (massive activations) is scaled before rounding."""
+    x, residual, norm_weight, down, up, bias = make((3,), 96, 16, torch.float16, device)
+    residual[:, 5] = 3000.0
+    norm_weight[5] = 40.0  # 120000 > 65504, the float16 maximum
+    out = fused_bypass(x, residual, norm_weight, EPS, down, up, bias, backend="triton")
+    ref = fused_bypass_reference(x.float(), residual.float(), norm_weight.float(), EPS, down.float(), up.float(),
+                                 bias.float())
+    assert out.isfinite().all()
+    torch.testing.assert_close(out.float(), ref, rtol=2e-2, atol=2e-2)
 
 
 def test_reference_composes_the_unfused_ops():

@@ -28,11 +28,11 @@ def test_load_plan_directory_and_moved_base(stories, stories_dir, plan_of, tmp_p
     plan.save(tmp_path / "plan-moved")
     with pytest.raises(FileNotFoundError, match="not there any more"):
         load(tmp_path / "plan-moved")
-    assert load(tmp_path / "plan-moved", base=moved).generate([1, 9, 33], 12, eos=[]).ids == expected
+    assert load(tmp_path / "plan-moved", base=moved, device="cpu").generate([1, 9, 33], 12, eos=[]).ids == expected
 
 
 def test_load_model_means_empty_plan(stories_dir, stories):
-    runtime = load(stories_dir, dtype="float32")
+    runtime = load(stories_dir, device="cpu", dtype="float32")
     assert runtime.plan.removed_units() == []
     model, _, _ = stories
     ids = torch.tensor([[1, 70, 80]])

@@ -1,0 +1,102 @@
+"""Where one compress spends its time: calibration, scoring walks, output-KL probes, the draws'
+held-out losses, the final fitting walk; peak resident memory.
+
+`python bench/compress/profile_compress.py [--calib FILE] [--sparsity 0.25] [--threads N]
+[--out bench/results/compress_profile]` compresses the embedded SmolLM2-135M-Instruct with
+compress's defaults (text sampled from the model without --calib) and writes the breakdown as JSON
+(and markdown with --out). The phases are timed by wrapping the functions that do them, so the
+package carries no timing code.
+"""
+from __future__ import annotations
+
+import argparse
+import functools
+import json
+import platform
+import resource
+import sys
+import time
+from pathlib import Path
+
+
+def timed(module, name: str, phase: str, log: dict) -> None:
+    """Replace `module.name` by a wrapper that adds its wall time to `log[phase]`."""
+    original = getattr(module, name)
+
+    @functools.wraps(original)
+    def wrapper(*args, **kwargs):
+        start = time.perf_counter()
+        try:
+            return original(*args, **kwargs)
+        finally:
+            log.setdefault(phase, []).append(time.perf_counter() - start)
+
+    setattr(module, name, wrapper)
+
+
+def main(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--calib", default=None, help="calibration text file (default: sampled from the model)")
+    parser.add_argument("--sparsity", type=float, nargs="+", default=[0.25])
+    parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument("--out", default=None, help="results prefix: writes PREFIX.json and PREFIX.md")
+    parser.add_argument("--save", default=None, help="folder to save the plans in (one per level)")
+    parser.add_argument("--set", nargs="*", default=[], metavar="FIELD=VALUE",
+                        help="SubFitConfig / DevOptions fields, e.g. selection_draws=1 (default: compress's defaults)")
+    args = parser.parse_args(argv)
+    import torch
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    from dataclasses import fields
+
+    from subfit import calibration, compression, models, selection
+    from subfit.config import DevOptions, SubFitConfig
+
+    phases: dict[str, list[float]] = {}
+    timed(calibration, "load_calibration", "calibration", phases)
+    timed(selection, "walk", "scoring walks", phases)
+    timed(selection, "output_effects", "output-KL probes", phases)
+    timed(compression, "mean_token_loss", "draws' held-out loss", phases)
+    timed(compression, "_fit_bypasses", "final fitting walk", phases)
+    overrides = {k: json.loads(v) for k, v in (item.split("=", 1) for item in args.set)}
+    config_fields = {f.name for f in fields(SubFitConfig)}
+    config = SubFitConfig(**{k: v for k, v in overrides.items() if k in config_fields})
+    dev = DevOptions(**{k: v for k, v in overrides.items() if k not in config_fields})
+    start = time.perf_counter()
+    model, tokenizer, _ = models.load(None)
+    loaded = time.perf_counter()
+    plans = compression.compress_levels(model, args.sparsity, args.calib, tokenizer=tokenizer, config=config,
+                                        dev=dev, progress=False)
+    done = time.perf_counter()
+    total = done - loaded
+    for level, plan in zip(args.sparsity, plans):
+        if args.save:
+            plan.save(Path(args.save) / f"{level:g}")
+    result = {
+        "command": "python bench/compress/profile_compress.py " + " ".join(argv),
+        "machine": f"{platform.machine()}, {torch.get_num_threads()} torch threads, torch {torch.__version__}",
+        "load_s": loaded - start, "compress_s": total,
+        "phases": {k: {"seconds": sum(v), "calls": len(v)} for k, v in phases.items()},
+        "peak_rss_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20,
+        "config": config.record(), "options": dev.record(),
+        "plans": [{"sparsity": p.accounting()["sparsity"], "removed": p.removed_units(),
+                   "selection": p.method.get("selection")} for p in plans],
+    }
+    accounted = sum(v["seconds"] for v in result["phases"].values())
+    result["phases"]["fits, packing and the rest"] = {"seconds": total - accounted, "calls": 1}
+    print(json.dumps(result, indent=1))
+    if args.out:
+        Path(f"{args.out}.json").write_text(json.dumps(result, indent=1) + "\n")
+        rows = [f"| {name} | {v['calls']} | {v['seconds']:.0f} s | {v['seconds'] / total:.0%} |"
+                for name, v in result["phases"].items()]
+        Path(f"{args.out}.md").write_text("\n".join([
+            f"# Where compress spends its time: SmolLM2-135M-Instruct at {', '.join(map(str, args.sparsity))}", "",
+            f"`{result['command']}` on {result['machine']}: compress {total:.0f} s ({total / 60:.1f} min), model "
+            f"load {result['load_s']:.0f} s, peak resident memory {result['peak_rss_gb']:.2f} GB.", "",
+            "| phase | calls | time | share |", "|---|---:|---:|---:|", *rows, ""]))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
