@@ -24,7 +24,13 @@ setup(
     ],
     extras_require={
         "dev": ["pytest>=8", "pytest-benchmark>=4", "matplotlib>=3.7"],
-        "eval": ["lm-eval>=0.4"],
+        # subfit.harness uses lm-eval's model API (TemplateLM, Collator, generation-kwargs helpers) as of 0.4.13.
+        "eval": ["lm-eval>=0.4.13,<0.5"],
     },
-    entry_points={"console_scripts": ["subfit=subfit.cli:main"]},
+    entry_points={
+        "console_scripts": ["subfit=subfit.cli:main"],
+        # `lm_eval --model subfit` in lm-eval releases that discover model plugins; with 0.4.13 run
+        # `python -m subfit.harness` (lm-eval's command line with the model registered).
+        "lm_eval.models": ["subfit=subfit.harness:SubfitLM"],
+    },
 )

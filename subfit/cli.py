@@ -26,6 +26,8 @@ EVAL_EXAMPLES = """examples:
   subfit eval plans/smollm2-25 --ppl wiki.test.raw --window 1024 --max-tokens 16384
   subfit eval plans/smollm2-25 --tasks piqa.jsonl arc_easy.jsonl --limit 300 --json report.json
   subfit eval HuggingFaceTB/SmolLM2-135M --ppl wiki.test.raw                # a dense model alone
+  subfit eval plans/smollm2-25 --lm-eval piqa arc_easy --limit 300           # lm-evaluation-harness tasks
+  subfit eval plans/smollm2-25 --lm-eval piqa_local --include-path bench/tasks  # offline: local task files
 """
 
 
@@ -133,6 +135,9 @@ def add_eval(sub) -> None:
     p.add_argument("--batch-size", type=positive_int, default=16, help="sequences per forward (default 16)")
     p.add_argument("--base", default=None, help="base model location, when the plan's has moved")
     p.add_argument("--no-dense", action="store_true", help="for a plan: skip the dense model's column")
+    p.add_argument("--lm-eval", nargs="+", default=None, metavar="TASK",
+                   help="lm-evaluation-harness tasks instead of --ppl/--tasks (needs pip install -e \".[eval]\")")
+    p.add_argument("--include-path", default=None, help="folder of extra lm-eval task YAMLs, e.g. bench/tasks")
     p.add_argument("--json", default=None, help="write the report as JSON here")
     p.add_argument("--overwrite", action="store_true", help="replace an existing --json file")
     p.set_defaults(run=run_eval)
@@ -145,9 +150,11 @@ def run_eval(args) -> int:
     from subfit.plan import Plan
     from subfit.reference import ReferenceModel
 
+    if args.lm_eval:
+        return run_lm_eval(args)
     # Everything is checked before the model loads (the window against its positions once it has).
     if args.ppl is None and not args.tasks:
-        raise ValueError("nothing to evaluate: give --ppl FILE and/or --tasks FILE...")
+        raise ValueError("nothing to evaluate: give --ppl FILE and/or --tasks FILE..., or --lm-eval TASK...")
     if args.json:
         check_output(args.json, overwrite=args.overwrite)
     settings = dict(ppl=args.ppl, tasks=args.tasks, limit=args.limit, window=args.window, stride=args.stride,
@@ -172,10 +179,31 @@ def run_eval(args) -> int:
     for name, fn in columns.items():
         console.print(f"[bold]evaluating {name}[/bold]")
         report["columns"][name] = evaluate(fn, tokenizer, dense_fn=dense if name != "dense" else None, **settings)
-    console.print(report_table(report))
+    return show_report(report, args.json, args.overwrite)
+
+
+def run_lm_eval(args) -> int:
+    """`subfit eval --lm-eval`: the tasks through lm-evaluation-harness (subfit.harness)."""
+    if args.ppl is not None or args.tasks:
+        raise ValueError("--lm-eval runs lm-evaluation-harness tasks; give it without --ppl/--tasks.")
+    try:
+        from subfit.harness import evaluate_tasks
+    except ModuleNotFoundError as e:
+        raise ValueError(f"--lm-eval: {e}") from None
     if args.json:
-        write_json(args.json, report, overwrite=args.overwrite)
-        console.print(f"report written to {args.json}")
+        check_output(args.json, overwrite=args.overwrite)
+    is_plan = args.target is not None and (Path(args.target) / "plan.json").exists()
+    report = evaluate_tasks(args.target if is_plan else None, args.lm_eval, base=args.base if is_plan else args.target,
+                            dense=not args.no_dense, limit=args.limit, include_path=args.include_path,
+                            batch_size=args.batch_size)
+    return show_report(report, args.json, args.overwrite)
+
+
+def show_report(report: dict, json_path: str | None, overwrite: bool = False) -> int:
+    console.print(report_table(report))
+    if json_path:
+        write_json(json_path, report, overwrite=overwrite)
+        console.print(f"report written to {json_path}")
     return 0
 
 
@@ -204,11 +232,12 @@ def report_table(report: dict) -> Table:
         if "kl" in list(columns.values())[-1].get("perplexity", {}):
             metrics.append(("KL(dense||model)", lambda r: f"{r['perplexity'].get('kl', 0.0):.4f}"))
             metrics.append(("top-1 agreement", lambda r: f"{r['perplexity'].get('top1_agreement', 1.0):.3f}"))
-    for task in first.get("tasks", {}):
-        for metric in ("acc", "acc_norm"):
+    for task, result in first.get("tasks", {}).items():
+        for metric in [m for m in result if m + "_stderr" in result]:  # acc, acc_norm; lm-eval's other metrics
             metrics.append((f"{task} {metric}", lambda r, t=task, m=metric:
                             f"{r['tasks'][t][m]:.3f} ± {r['tasks'][t][m + '_stderr']:.3f}"))
-            if dense is not None and len(columns) > 1:
+            outcomes = {"acc": "correct", "acc_norm": "correct_norm"}.get(metric)
+            if dense is not None and len(columns) > 1 and outcomes in result:
                 metrics.append((f"{task} {metric} - dense", against_dense(
                     lambda r, t=task, m=metric: "{:+.3f} ± {:.3f}".format(
                         *paired_difference(r["tasks"][t], dense["tasks"][t], m)))))
