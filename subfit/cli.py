@@ -146,7 +146,7 @@ def add_eval(sub) -> None:
 def run_eval(args) -> int:
     from subfit import models
     from subfit.evaluation import check_inputs, evaluate
-    from subfit.files import check_output, write_json
+    from subfit.files import check_output
     from subfit.plan import Plan
     from subfit.reference import ReferenceModel
 
@@ -186,6 +186,8 @@ def run_lm_eval(args) -> int:
     """`subfit eval --lm-eval`: the tasks through lm-evaluation-harness (subfit.harness)."""
     if args.ppl is not None or args.tasks:
         raise ValueError("--lm-eval runs lm-evaluation-harness tasks; give it without --ppl/--tasks.")
+    from subfit.files import check_output
+
     try:
         from subfit.harness import evaluate_tasks
     except ModuleNotFoundError as e:
@@ -200,6 +202,8 @@ def run_lm_eval(args) -> int:
 
 
 def show_report(report: dict, json_path: str | None, overwrite: bool = False) -> int:
+    from subfit.files import write_json
+
     console.print(report_table(report))
     if json_path:
         write_json(json_path, report, overwrite=overwrite)

@@ -74,6 +74,7 @@ CASES = [
     (["eval", "{model}", "--tasks", "{badtask}"], "{badtask}:2: gold is 3; expected the index of the right entry"),
     (["eval", "{model}", "--tasks", "{new}/piqa.jsonl"], "Task file {new}/piqa.jsonl does not exist"),
     (["eval", "{model}", "--tasks", "{task}", "{folder}/task.jsonl"], "Two task files are named 'task'"),
+    ([*EVAL, "--lm-eval", "piqa"], "--lm-eval runs lm-evaluation-harness tasks; give it without --ppl/--tasks"),
     ([*EVAL, "--window", "1"], "window=1: expected an integer >= 2"),
     ([*EVAL, "--window", "4096"], "window=4096 (--window) is longer than the model's 512 positions"),
     ([*EVAL, "--window", "64", "--stride", "128"], "stride=128 is larger than window=64"),
