@@ -127,7 +127,8 @@ def add_eval(sub) -> None:
     p.add_argument("target", nargs="?", default=None,
                    help="plan directory, or a model (id/folder/.gguf; default the embedded SmolLM2)")
     p.add_argument("--ppl", default=None, help="text file for perplexity")
-    p.add_argument("--window", type=positive_int, default=1024, help="perplexity window in tokens (default 1024)")
+    p.add_argument("--window", type=positive_int, default=None,
+                   help="perplexity window in tokens (default 1024, or the model's positions if fewer)")
     p.add_argument("--stride", type=positive_int, default=None, help="perplexity stride (default: the window)")
     p.add_argument("--max-tokens", type=positive_int, default=None, help="score only the first N tokens of --ppl")
     p.add_argument("--tasks", nargs="*", default=[], help="multiple-choice task files (.jsonl)")

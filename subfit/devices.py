@@ -32,7 +32,7 @@ def check_device(device: str | torch.device) -> torch.device:
         if parsed.index is not None and parsed.index >= count:
             names = "cuda:0" if count == 1 else f"cuda:0 to cuda:{count - 1}"
             raise ValueError(f"device={str(device)!r} does not exist: this machine has {count} CUDA "
-                             f"device{'s' if count > 1 else ''} ({names}).")
+                             f"device{'s' if count > 1 else ''}; use {names}, or cpu.")
         return parsed
     try:
         torch.empty(0, device=parsed)

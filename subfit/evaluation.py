@@ -21,6 +21,7 @@ from subfit.calibration import read_text
 from subfit.models import check_positions
 
 LogitsFn = Callable[[torch.Tensor], torch.Tensor]
+DEFAULT_WINDOW = 1024  # perplexity window in tokens, when the model takes that many
 MAX_CONTEXT = 2048  # tokens of a multiple-choice context and continuation, as lm-eval's default max_length
 TASK_FORMATS = ("query/choices/gold", "context_options/continuation/gold", "context/continuation")
 
@@ -62,15 +63,16 @@ def perplexity(
     logits_fn: LogitsFn,
     ids: torch.Tensor,
     *,
-    window: int = 1024,
+    window: int | None = None,
     stride: int | None = None,
     dense_fn: LogitsFn | None = None,
     progress: bool = True,
 ) -> dict:
     """Perplexity of a token stream; with `dense_fn`, also KL(dense || model) and top-1 agreement.
     Each window's summed NLL is kept, so two models scored on the same stream can be compared
-    window by window (`perplexity_ratio`)."""
-    check_perplexity_window(window, stride, getattr(logits_fn, "max_positions", None))
+    window by window (`perplexity_ratio`). `window` defaults to `DEFAULT_WINDOW`, or the model's
+    positions if fewer."""
+    window = check_perplexity_window(window, stride, getattr(logits_fn, "max_positions", None))
     stride = window if stride is None else stride
     if ids.numel() < 2:
         raise ValueError("The text has fewer than 2 tokens: nothing to score; give a longer text.")
@@ -107,18 +109,23 @@ def _check_count(name: str, value, minimum: int = 1, *, optional: bool = False, 
                      f"{f' ({why})' if why else ''}.")
 
 
-def check_perplexity_window(window: int, stride: int | None, max_positions: int | None = None) -> None:
-    """Refuse windows that would score nothing, skip tokens, or run past the model's positions."""
+def check_perplexity_window(window: int | None, stride: int | None, max_positions: int | None = None) -> int:
+    """The window to score with: as given, or `DEFAULT_WINDOW` tokens or the model's positions
+    if fewer (a default is never refused); refuse windows that would score nothing, skip tokens,
+    or run past the model's positions."""
+    if window is None:
+        window = min(DEFAULT_WINDOW, max_positions or DEFAULT_WINDOW)
     _check_count("window", window, 2, why="a window needs a token and a next token to score")
     _check_count("stride", stride, 1, optional=True, why="None: the window")
     if stride is not None and stride > window:
         raise ValueError(f"stride={stride} is larger than window={window}: tokens between windows would never be "
                          "scored. Give a stride of at most the window.")
     check_positions(max_positions, window, f"window={window} (--window)")
+    return window
 
 
 def check_inputs(*, ppl: str | os.PathLike | None = None, tasks: Sequence[str | os.PathLike] = (),
-                 limit: int | None = None, window: int = 1024, stride: int | None = None,
+                 limit: int | None = None, window: int | None = None, stride: int | None = None,
                  max_tokens: int | None = None, batch_size: int = 16,
                  max_positions: int | None = None) -> tuple[str | None, dict[str, list[dict]]]:
     """Check every evaluation setting and input file, before any work: `evaluate` calls it, and
@@ -345,7 +352,7 @@ def evaluate(
     ppl: str | os.PathLike | None = None,
     tasks: list[str | os.PathLike] = (),
     limit: int | None = None,
-    window: int = 1024,
+    window: int | None = None,
     stride: int | None = None,
     max_tokens: int | None = None,
     dense_fn: LogitsFn | None = None,

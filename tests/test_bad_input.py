@@ -365,7 +365,10 @@ def test_lengths_beyond_the_models_positions_are_refused_with_the_number(stories
         Runtime.from_hf(model, None, tokenizer, max_seq_len=limit + 1)
     with pytest.raises(ValueError, match=re.escape(f"A sequence of {limit + 1} tokens is {beyond}")):
         ReferenceModel(model)(torch.ones(1, limit + 1, dtype=torch.long))
-    assert Runtime.from_hf(model, None, tokenizer).max_seq_len == limit  # the default stays within
+    # The defaults stay within: the runtime's cache and the perplexity window shrink to the model.
+    assert Runtime.from_hf(model, None, tokenizer).max_seq_len == limit
+    report = evaluate(ReferenceModel(model), tokenizer, ppl=tinystories_file, max_tokens=600, progress=False)
+    assert report["perplexity"]["window"] == limit
 
 
 @pytest.mark.parametrize("kwargs, message", [
