@@ -11,6 +11,7 @@ from rich.console import Console
 from rich.table import Table
 
 from subfit.argtypes import BAD_INPUT, ArgumentParser, positive_int, refuse, sparsity
+from subfit.files import check_output, write_json
 from subfit.methods import BASELINES, METHODS
 from subfit.runtime.cli import add_commands as add_runtime_commands
 
@@ -68,7 +69,6 @@ CONFIG_OPTIONS = ("calib_samples", "calib_len", "seed", "attn_rank", "ffn_rank",
 def run_compress(args) -> int:
     from subfit.calibration import SELF, read_text
     from subfit.config import SubFitConfig
-    from subfit.files import check_output
     from subfit.plan import PLAN_FOLDER
 
     # Everything is checked before the model loads, by the checks the Python API makes.
@@ -147,7 +147,6 @@ def add_eval(sub) -> None:
 def run_eval(args) -> int:
     from subfit import models
     from subfit.evaluation import check_inputs, evaluate
-    from subfit.files import check_output
     from subfit.plan import Plan
     from subfit.reference import ReferenceModel
 
@@ -187,8 +186,6 @@ def run_lm_eval(args) -> int:
     """`subfit eval --lm-eval`: the tasks through lm-evaluation-harness (subfit.harness)."""
     if args.ppl is not None or args.tasks:
         raise ValueError("--lm-eval runs lm-evaluation-harness tasks; give it without --ppl/--tasks.")
-    from subfit.files import check_output
-
     try:
         from subfit.harness import evaluate_tasks
     except ModuleNotFoundError as e:
@@ -203,8 +200,6 @@ def run_lm_eval(args) -> int:
 
 
 def show_report(report: dict, json_path: str | None, overwrite: bool = False) -> int:
-    from subfit.files import write_json
-
     console.print(report_table(report))
     if json_path:
         write_json(json_path, report, overwrite=overwrite)

@@ -12,11 +12,11 @@ from subfit.evaluation import mean_token_loss
 from subfit.fitting import LinearFit, fit_in_basis, reduced_rank_fit, shared_basis
 from subfit.hardware import bf16_matmuls
 from subfit.models import Decoder
-from subfit.plan import Plan
+from subfit.plan import Bypass, Plan
 from subfit.reference import ReferenceModel
 from subfit.selection import (Selector, as_bypass, draw_order, group_sizes, infeasible, scoring_and_probe_ids,
                               token_weights, unit_groups, validation_split)
-from subfit.stats import Unit, walk
+from subfit.stats import Unit, UnitStats, walk
 
 Calibration = str | os.PathLike | torch.Tensor | None
 
@@ -137,19 +137,23 @@ def _fit_bypasses(plan: Plan, decoder: Decoder, calib_ids: torch.Tensor, removed
     earlier layers give it; the FeedForward bypasses share one input basis, taken from the
     statistics of the removed FeedForward units in the scoring walk that chose them. Returns each
     bypass's relative error."""
-    ffn_units = [u for u in removed if u[0] == "ffn"]
-    basis = shared_basis([basis_stats[u].moments() for u in ffn_units], ranks["ffn"], ridge) if ffn_units else None
-    fits: dict[Unit, LinearFit] = {}
-
-    def final_fit(kind: str, layer: int, stats):
-        m = stats.moments()
-        fits[(kind, layer)] = reduced_rank_fit(m, ranks["attn"], ridge) if kind == "attn" else fit_in_basis(m, basis, ridge)
-        return as_bypass(fits[(kind, layer)])
-
     device = walk_args.get("device") or next(decoder.model.parameters()).device
+    ffn_units = [u for u in removed if u[0] == "ffn"]
+    basis = None
+    if ffn_units:
+        basis = shared_basis([basis_stats[u].moments() for u in ffn_units], ranks["ffn"], ridge).to(device)
+    fits: dict[Unit, LinearFit] = {}
+    errors: dict[str, float] = {}
+
+    def final_fit(kind: str, layer: int, stats: UnitStats) -> Bypass:
+        m = stats.moments()
+        fit = reduced_rank_fit(m, ranks["attn"], ridge) if kind == "attn" else fit_in_basis(m, basis, ridge)
+        fits[(kind, layer)], errors[f"{kind}.{layer}"] = fit, stats.relative_error(fit.error)
+        return as_bypass(fit)
+
     with bf16_matmuls(device):  # the statistics stay float64, the residual stream float32
-        final_stats = walk(decoder, calib_ids, actions={u: "bypass" for u in removed}, fit=final_fit,
-                           desc="fitting bypasses", weights=token_weights, target="run", **walk_args)
+        walk(decoder, calib_ids, actions={u: "bypass" for u in removed}, fit=final_fit, desc="fitting bypasses",
+             weights=token_weights, target="run", done=lambda unit, stats: None, **walk_args)
     for (kind, layer), fit in sorted(fits.items(), key=lambda item: (item[0][1], item[0][0])):
         plan.set_bypass(kind, layer, as_bypass(fit))
-    return {f"{k}.{i}": final_stats[(k, i)].relative_error(f.error) for (k, i), f in fits.items()}
+    return errors

@@ -163,20 +163,26 @@ def output_effects(
     probe_ids: torch.Tensor,
     removed: dict[Unit, Bypass | None],
     candidates: dict[Unit, Bypass],
+    *,
+    device: torch.device | str | None = None,
     scored_positions: int = 256,
 ) -> dict[Unit, float]:
     """KL(current model || current model with one more unit bypassed), per candidate, averaged
     over the probe tokens: the damage a removal does to what the model actually outputs.
 
-    The probe runs once through the current model (the `removed` units bypassed, None = deleted),
-    remembering the residual stream in front of every unit; each candidate then restarts from its
-    own unit, so the cost is one partial forward per candidate.
+    The probe goes through the current model (the `removed` units bypassed, None = deleted) one
+    layer at a time, as a walk does: each candidate's stream splits off in front of its own unit
+    and then rides along, all of them through each layer in one batch. Every layer is on `device`
+    once (a model larger than the device works), and each candidate costs one partial forward.
     """
-    order = [(kind, layer) for layer in range(decoder.num_layers) for kind in UNIT_KINDS]
-    device = next(decoder.model.parameters()).device
+    home = next(decoder.model.parameters()).device
+    device = torch.device(device) if device is not None else home
     ids = probe_ids.to(device)
+    for module in (decoder.body.embed_tokens, decoder.body.rotary_emb):
+        module.to(device)
     hidden = decoder.embed(ids)
     rotary = decoder.rotary(hidden, torch.arange(ids.shape[1], device=device)[None])
+    rows = ids.shape[0]
 
     def step(unit: Unit, h: torch.Tensor, replacement: Bypass | None = None) -> torch.Tensor:
         kind, layer = unit
@@ -187,25 +193,39 @@ def output_effects(
         normed = decoder.norm(kind, layer)(h)
         return h + (replacement(normed) if replacement is not None else decoder.run_unit(kind, layer, normed, rotary))
 
+    riders: list[Unit] = []  # candidates whose stream has split off, in the order of `stacked`
+    stacked = hidden[:0]
+    for layer in range(decoder.num_layers):
+        decoder.layers[layer].to(device)
+        for kind in UNIT_KINDS:
+            unit = (kind, layer)
+            if riders:  # every candidate stream so far passes this unit as the current model does
+                stacked = step(unit, stacked)
+            if unit in candidates:
+                stacked = torch.cat([stacked, step(unit, hidden, candidates[unit])])
+                riders.append(unit)
+            hidden = step(unit, hidden)
+        decoder.layers[layer].to(home)
+    for module in (decoder.body.embed_tokens, decoder.body.rotary_emb):
+        module.to(home)
+
     # The vocabulary projection and softmax cost as much as the layers: score a strided subset of
     # at most `scored_positions` positions (all positions still serve as attention context).
     every = max(1, ids.numel() // scored_positions)
+    head = [decoder.body.norm, decoder.model.lm_head]
+    for module in head:
+        module.to(device)
 
     def log_probs(h: torch.Tensor) -> torch.Tensor:
         return torch.log_softmax(decoder.head(h[:, every - 1::every]).float(), -1)
 
-    streams = {}
-    for unit in order:
-        streams[unit] = hidden
-        hidden = step(unit, hidden)
     reference = log_probs(hidden)
     effects = {}
-    for unit, bypass in candidates.items():
-        h = step(unit, streams[unit], bypass)
-        for later in order[order.index(unit) + 1:]:
-            h = step(later, h)
+    for unit, h in zip(riders, stacked.split(rows)):
         logp = log_probs(h)
         effects[unit] = float((reference.exp() * (reference - logp)).sum(-1).mean())
+    for module in head:
+        module.to(home)
     return effects
 
 
@@ -214,11 +234,13 @@ def output_effects(
 # ---------------------------------------------------------------------------------------------
 @dataclass
 class _Walk:
-    """What a scoring walk leaves for the walks after it."""
+    """What a scoring walk leaves for the walks after it (no unit's full statistics but the
+    FeedForwards', which a level finishing here takes its shared basis from)."""
 
     removed: frozenset[Unit]
-    stats: dict[Unit, UnitStats]  # every unit's, kept and bypassed
     fits: dict[Unit, LinearFit]  # each kept unit's candidate bypass
+    scales: dict[Unit, float]  # weight / stream energy: a fit's error as the error it injects, relative
+    ffn_stats: dict[Unit, UnitStats]  # every FeedForward's, on the model's own device
     bypasses: dict[Unit, Bypass]  # the bypasses of the removed units, as this walk fitted them
     checkpoints: Checkpoints
 
@@ -244,7 +266,8 @@ class Selector:
         # products of the (centred) statistics in float32; the running statistics stay float64 and
         # the residual stream float32. The final fit keeps float64 products.
         self.walk_args = dict(walk_args, weights=token_weights, product_dtype=torch.float32)
-        self.device = walk_args.get("device") or next(decoder.model.parameters()).device
+        self.home = next(decoder.model.parameters()).device
+        self.device = walk_args.get("device") or self.home
         self.checkpoint_every = math.ceil(decoder.num_layers / CHECKPOINTS_PER_WALK)
         self.walks = 0
         # The first walk (nothing removed) is the same for every level: kept, with its checkpoints,
@@ -258,59 +281,67 @@ class Selector:
         return reduced_rank_fit(stats.moments(), self.ranks[kind], self.ridge)
 
     def _walk(self, removed: list[Unit]) -> _Walk:
-        """The scoring walk with `removed` bypassed, resumed from the trajectory's last walk."""
+        """The scoring walk with `removed` bypassed, resumed from the trajectory's last walk. Each
+        unit is fitted as soon as its statistics are complete, so one layer's statistics are on the
+        device at a time."""
         parent = self.last if removed else None
         new = [u for u in removed if parent is None or u not in parent.removed]
         start = parent.checkpoints.resume_layer(min(layer for _, layer in new)) if parent and new else 0
         kept = [u for g in self.groups for u in g if g[0] not in removed]
-        bypasses = {u: b for u, b in parent.bypasses.items() if u[1] < start} if parent else {}
-        if parent is not None and parent is not self.first:  # the rest of the parent is made anew: free it first
-            parent.stats = {u: st for u, st in parent.stats.items() if u[1] < start}
+        bypassed = set(removed)
+        before = (lambda table: {u: v for u, v in table.items() if u[1] < start}) if parent else (lambda table: {})
+        current = _Walk(frozenset(removed), fits=before(parent.fits) if parent else {},
+                        scales=before(parent.scales) if parent else {},
+                        ffn_stats=before(parent.ffn_stats) if parent else {},
+                        bypasses=before(parent.bypasses) if parent else {}, checkpoints=Checkpoints(self.checkpoint_every))
+        if parent is not None and parent is not self.first:  # what of the parent is made anew: free it first
             parent.checkpoints.streams = {k: v for k, v in parent.checkpoints.streams.items() if k <= start}
+            parent.ffn_stats = before(parent.ffn_stats)
 
-        def fit_removed(kind: str, layer: int, stats) -> Bypass:
-            bypasses[(kind, layer)] = as_bypass(self.candidate_fit(kind, stats))
-            return bypasses[(kind, layer)]
+        def fit_removed(kind: str, layer: int, stats: UnitStats) -> Bypass:
+            current.bypasses[(kind, layer)] = as_bypass(self.candidate_fit(kind, stats))
+            return current.bypasses[(kind, layer)]
+
+        def unit_done(unit: Unit, stats: UnitStats) -> None:
+            current.scales[unit] = float(stats.weight) / max(float(stats.energy), 1e-30)
+            if unit not in bypassed:
+                current.fits[unit] = self.candidate_fit(unit[0], stats)
+            if unit[0] == "ffn":
+                current.ffn_stats[unit] = stats.to(self.home)
 
         self.walks += 1
-        record = Checkpoints(self.checkpoint_every)
-        stats = walk(self.decoder, self.scoring_ids, actions={u: "bypass" for u in removed}, fit=fit_removed,
-                     collect=[u for u in kept if u[1] >= start], desc=f"scoring walk {self.walks}",
-                     resume=parent.checkpoints if parent else None, start_layer=start, record=record,
-                     **self.walk_args)
-        fits = {u: self.candidate_fit(u[0], stats[u]) for u in kept if u[1] >= start}
-        if parent:
-            stats.update({u: st for u, st in parent.stats.items() if u[1] < start})
-            fits.update({u: parent.fits[u] for u in kept if u[1] < start})
-        return _Walk(frozenset(removed), stats, fits, bypasses, record)
+        walk(self.decoder, self.scoring_ids, actions={u: "bypass" for u in removed}, fit=fit_removed,
+             collect=[u for u in kept if u[1] >= start], desc=f"scoring walk {self.walks}",
+             resume=parent.checkpoints if parent else None, start_layer=start, record=current.checkpoints,
+             done=unit_done, **self.walk_args)
+        return current
 
-    def score(self, removed: list[Unit], every_group: bool) -> tuple[dict[Group, float], dict]:
+    def score(self, removed: list[Unit], every_group: bool) -> dict[Group, float]:
         """One walk with `removed` bypassed: the damage score of every kept group (of the shortlist,
-        unless `every_group`), and the walk's statistics. The first walk (nothing removed) is the
-        same for every level and is made once when several levels share it."""
+        unless `every_group`); the walk itself is `self.last` after it. The first walk (nothing
+        removed) is the same for every level and is made once when several levels share it."""
         if not removed and self.first is not None and every_group in self.first_scores:
             self.last = self.first
-            return self.first_scores[every_group], self.first.stats
+            return self.first_scores[every_group]
         with bf16_matmuls(self.device):
             return self._score(removed, every_group)
 
-    def _score(self, removed: list[Unit], every_group: bool) -> tuple[dict[Group, float], dict]:
+    def _score(self, removed: list[Unit], every_group: bool) -> dict[Group, float]:
         current = self.first if not removed and self.first is not None else self._walk(removed)
         kept = [g for g in self.groups if g[0] not in removed]
-        local = {g: sum(current.stats[u].relative_error(current.fits[u].error) for u in g) / self.sizes[g]
-                 for g in kept}
+        local = {g: sum(current.fits[u].error * current.scales[u] for u in g) / self.sizes[g] for g in kept}
         # Only the most promising groups by local score pay for forward passes, unless every
         # group must be scored alike (a contiguous run).
         if not every_group:
             kept = sorted(kept, key=local.__getitem__)[:max(1, self.shortlist // len(kept[0]))]
         unit_scores = output_effects(self.decoder, self.probe_ids, current.bypasses,
-                                     {u: as_bypass(current.fits[u]) for g in kept for u in g})
+                                     {u: as_bypass(current.fits[u]) for g in kept for u in g}, device=self.device)
         scores = {g: sum(unit_scores[u] for u in g) for g in kept}
         if not removed and self.reuse_first_walk:
             self.first = current
             self.first_scores[every_group] = scores
         self.last = current
-        return scores, current.stats
+        return scores
 
     def trajectory(self, quotas: list[int], step: int) -> dict[int, tuple[list[Unit], dict[Unit, UnitStats]]]:
         """One greedy trajectory serving every quota (parameters to remove): each walk commits the
@@ -319,14 +350,15 @@ class Selector:
         best mix for the room left (`greedy_select`) completes it. The trajectory does not depend on
         the quotas, so several levels share its walks and each is what it would be alone.
 
-        Returns, per quota, the removed units and the statistics of the finishing walk for them."""
+        Returns, per quota, the removed units and the finishing walk's statistics of the removed
+        FeedForwards (their shared basis)."""
         removed: list[Unit] = []
         used, mark, done = 0, 0, {}
         open_quotas = sorted(q for q in set(quotas) if q > 0)
         done.update({q: ([], {}) for q in quotas if q <= 0})
         while open_quotas:
             mark += step
-            scores, stats = self.score(removed, every_group=False)
+            scores = self.score(removed, every_group=False)
             commit = []
             for group in sorted(scores, key=lambda g: (scores[g] / self.sizes[g], g)):
                 if used + sum(self.sizes[g] for g in commit) >= mark:
@@ -335,7 +367,7 @@ class Selector:
             after = used + sum(self.sizes[g] for g in commit)
             for quota in [q for q in open_quotas if q <= mark or after > q]:
                 finished = removed + [u for g in greedy_select(scores, self.sizes, quota - used) for u in g]
-                done[quota] = finished, {u: stats[u] for u in finished}
+                done[quota] = finished, {u: self.last.ffn_stats[u] for u in finished if u[0] == "ffn"}
                 open_quotas.remove(quota)
             removed += [u for g in commit for u in g]
             used = after
@@ -343,7 +375,7 @@ class Selector:
 
     def window(self, quota: int) -> tuple[list[Unit], dict[Unit, UnitStats]]:
         """The contiguous ablation: the best run of groups under `quota`, scored in one walk."""
-        scores, stats = self.score([], every_group=True)
+        scores = self.score([], every_group=True)
         order = [g for g in self.groups if g in scores]
         removed = [u for g in best_window(order, scores, self.sizes, quota) for u in g]
-        return removed, {u: stats[u] for u in removed}
+        return removed, {u: self.last.ffn_stats[u] for u in removed if u[0] == "ffn"}

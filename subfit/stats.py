@@ -68,6 +68,12 @@ class UnitStats:
         self.energy += (w[:, 0] * hidden.reshape(-1, hidden.shape[-1]).double().pow(2).sum(-1)).sum()
         self.tokens += z.shape[0]
 
+    def to(self, device) -> "UnitStats":
+        """The same statistics on `device` (in place; returns self)."""
+        for name in ("weight", "mean_x", "mean_y", "xx", "xy", "yy", "energy"):
+            setattr(self, name, getattr(self, name).to(device))
+        return self
+
     def moments(self) -> Moments:
         n = self.weight
         return Moments(weight=float(n), mean_x=self.mean_x, mean_y=self.mean_y, cov_xx=self.xx / n,
@@ -115,6 +121,7 @@ def walk(
     resume: Checkpoints | None = None,
     start_layer: int = 0,
     record: Checkpoints | None = None,
+    done: Callable[[Unit, UnitStats], None] | None = None,
 ) -> dict[Unit, UnitStats]:
     """Push calibration tokens through the model layer by layer.
 
@@ -136,7 +143,13 @@ def walk(
 
     `start_layer` > 0 resumes from `resume`'s stream in front of that layer (the caller vouches
     that the units before it act as they did there); only the units from it on are walked and
-    returned. `record` keeps this walk's streams (those before `start_layer` are `resume`'s).
+    returned. `record` keeps this walk's streams (those before `start_layer` are `resume`'s), on
+    the model's own device, so checkpoints never take room on the walk's device.
+
+    Memory on the walk's device: one layer, the residual stream of all calibration tokens (twice
+    with run targets), one batch's activations, and statistics. With `done`, each unit's
+    statistics are handed to it as soon as they are complete and not kept (one layer's at a time);
+    without, all are returned.
     """
     if target not in TARGETS:
         raise ValueError(f"Unknown target {target!r}; choose one of {TARGETS}.")
@@ -151,7 +164,10 @@ def walk(
     home = next(decoder.model.parameters()).device
     decoder.body.embed_tokens.to(device)
     decoder.body.rotary_emb.to(device)
-    hidden = list(resume.streams[start_layer]) if start_layer else [decoder.embed(b) for b in batches]
+    if start_layer:
+        hidden = [h.to(device) for h in resume.streams[start_layer]]
+    else:
+        hidden = [decoder.embed(b) for b in batches]
     positions = torch.arange(calib_ids.shape[1], device=device)[None]
     rotary = decoder.rotary(hidden[0], positions)
     reference = list(hidden) if target != "unit" else None  # the stream a bypass's target follows
@@ -160,7 +176,7 @@ def walk(
         record.streams.update({k: v for k, v in resume.streams.items() if k < start_layer})
     for layer in tqdm(range(start_layer, decoder.num_layers), desc=desc, disable=not progress, leave=False):
         if record is not None and layer % record.every == 0:
-            record.streams[layer] = list(hidden)  # the tensors are replaced, never changed in place
+            record.streams[layer] = [h.to(home) for h in hidden]  # replaced, never changed in place
         decoder.layers[layer].to(device)
         for kind in UNIT_KINDS:
             unit = (kind, layer)
@@ -169,8 +185,6 @@ def walk(
                 raise ValueError(f"Unknown action {action!r} for unit {unit}.")
             norm = decoder.norm(kind, layer)
             unit_stats = UnitStats(d, d, device, product_dtype) if (unit in collect or action == "bypass") else None
-            if unit_stats is not None:
-                stats[unit] = unit_stats
             # A kept unit's output is added as soon as it is computed; a bypassed unit needs the
             # statistics of every batch before its fit exists, so it takes a second sweep.
             follows_reference = reference is not None and action == "bypass"
@@ -197,6 +211,10 @@ def walk(
                     hidden[i] = h + bypass(norm(h))
                     for hook in hooks:
                         hook(kind, layer, h, hidden[i])
+            if unit_stats is not None and done is not None:
+                done(unit, unit_stats)
+            elif unit_stats is not None:
+                stats[unit] = unit_stats
         decoder.layers[layer].to(home)
     decoder.body.embed_tokens.to(home)
     decoder.body.rotary_emb.to(home)

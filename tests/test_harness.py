@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from compress_settings import settings
 import torch
 import torch.nn.functional as F
 
@@ -56,7 +57,7 @@ def plan_dir(stories, tinystories_file, tmp_path_factory) -> Path:
     from subfit.compression import compress
 
     calib_ids = from_text_file(stories[1], tinystories_file, 24, 128, seed=0)
-    plan = compress(stories[0], 0.25, calib_ids, step=0.25, score_samples=8, selection_draws=1, progress=False)
+    plan = compress(stories[0], 0.25, calib_ids, **settings(step=0.25, score_samples=8, selection_draws=1))
     folder = tmp_path_factory.mktemp("plan")
     plan.save(folder)
     return folder

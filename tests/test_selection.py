@@ -57,3 +57,42 @@ def test_best_window_is_contiguous_and_least_damaging():
     assert window == groups[4:8]
     idx = [groups.index(g) for g in window]
     assert idx == list(range(idx[0], idx[-1] + 1))
+
+
+def test_output_effects_are_the_kl_of_each_candidate_plan(stories, tinystories_file):
+    """The layer-major probe (all candidate streams through each layer in one batch) gives, per
+    candidate, the KL between the current model and the current model with that unit bypassed,
+    computed here plainly with the reference executor on the same positions."""
+    import torch
+
+    from subfit.calibration import from_text_file
+    from subfit.fitting import reduced_rank_fit
+    from subfit.models import Decoder, source_of
+    from subfit.plan import Plan
+    from subfit.reference import ReferenceModel
+    from subfit.selection import as_bypass, output_effects
+    from subfit.stats import walk
+
+    model, tokenizer, _ = stories
+    decoder = Decoder(model)
+    ids = from_text_file(tokenizer, tinystories_file, 6, 64, seed=2)
+    units = [("attn", 1), ("ffn", 1), ("ffn", 3), ("attn", 4)]
+    stats = walk(decoder, ids[:4], collect=units, progress=False)
+    bypass = {u: as_bypass(reduced_rank_fit(stats[u].moments(), 16, 1e-3)) for u in units}
+    removed = {("attn", 1): bypass[("attn", 1)], ("attn", 2): None}  # one bypassed, one deleted
+    candidates = {u: bypass[u] for u in units if u not in removed}  # (a plan holds one FeedForward basis)
+    effects = output_effects(decoder, ids[4:], removed, candidates, scored_positions=32)
+
+    def plan_with(extra):
+        plan = Plan.empty(decoder, source_of(model))
+        plan.attn[2] = "delete"
+        for (kind, layer), b in {("attn", 1): removed[("attn", 1)], **extra}.items():
+            plan.set_bypass(kind, layer, b)
+        return plan
+
+    every = ids[4:].numel() // 32
+    reference = torch.log_softmax(ReferenceModel(model, plan_with({}))(ids[4:])[:, every - 1::every].float(), -1)
+    for unit, candidate in candidates.items():
+        logp = torch.log_softmax(ReferenceModel(model, plan_with({unit: candidate}))(ids[4:])[:, every - 1::every].float(), -1)
+        kl = float((reference.exp() * (reference - logp)).sum(-1).mean())
+        assert effects[unit] == pytest.approx(kl, rel=1e-4, abs=1e-7), unit
