@@ -14,8 +14,8 @@ from subfit.hardware import bf16_matmuls
 from subfit.models import Decoder
 from subfit.plan import Bypass, Plan
 from subfit.reference import ReferenceModel
-from subfit.selection import (Selector, as_bypass, draw_order, group_sizes, infeasible, scoring_and_probe_ids,
-                              token_weights, unit_groups, validation_split)
+from subfit.selection import (CHECKPOINTS_PER_WALK, Selector, as_bypass, draw_order, group_sizes, infeasible,
+                              scoring_and_probe_ids, token_weights, unit_groups, validation_split)
 from subfit.stats import Unit, UnitStats, walk
 
 Calibration = str | os.PathLike | torch.Tensor | None
@@ -114,6 +114,31 @@ def compress_levels(model=None, levels: Sequence[float] = (0.25,), calib: Calibr
                                         "validation_loss": level_losses,
                                         "validation_samples": validation_ids.shape[0]}
     return plans
+
+
+def peak_memory(decoder: Decoder, sequences: int, length: int, config: SubFitConfig | None = None,
+                dev: DevOptions | None = None) -> dict[str, int]:
+    """Bytes compress needs at its peak besides the model, by what holds them. On the walks' device:
+    one layer (float32 and its bf16 copy), the residual stream of every calibration sequence (twice
+    in the final fit, which follows a reference stream), one batch's activations, one layer's
+    statistics and the candidate bypasses of every unit (float32). On the model's own device (the
+    CPU when walks run on a GPU): the scoring walks' checkpoints and the FeedForwards' statistics of
+    the last two walks. `tests/test_compress_memory.py` holds a measured compress to it."""
+    config, dev = config or SubFitConfig(), dev or DevOptions()
+    d, f, n = decoder.hidden_size, decoder.config.intermediate_size, decoder.num_layers
+    ranks = config.ranks(d)
+    layer = sum(p.numel() for p in decoder.layers[0].parameters())
+    stream = sequences * length * d * 4
+    unit_stats = (2 * d * d + 2 * d) * 8
+    return {
+        "one layer": layer * 6,
+        "residual streams": 2 * stream,
+        "one batch's activations": dev.batch_size * length * (3 * f + 6 * d) * 4,
+        "one layer's statistics": 2 * unit_stats + dev.batch_size * length * 2 * d * 16,
+        "candidate bypasses": n * (2 * d * (ranks["attn"] + ranks["ffn"]) + 2 * d) * 4,
+        "checkpoints (model's device)": CHECKPOINTS_PER_WALK * min(sequences, dev.score_samples) * length * d * 4,
+        "FeedForward statistics (model's device)": 2 * n * unit_stats,
+    }
 
 
 def _calibration(calib: Calibration, model, tokenizer, config: SubFitConfig) -> tuple[torch.Tensor, dict]:

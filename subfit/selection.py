@@ -206,6 +206,7 @@ def output_effects(
                 riders.append(unit)
             hidden = step(unit, hidden)
         decoder.layers[layer].to(home)
+        torch.clear_autocast_cache()  # bf16 weight copies made under bf16 matmuls: one layer's at a time
     for module in (decoder.body.embed_tokens, decoder.body.rotary_emb):
         module.to(home)
 
@@ -238,8 +239,8 @@ class _Walk:
     FeedForwards', which a level finishing here takes its shared basis from)."""
 
     removed: frozenset[Unit]
-    fits: dict[Unit, LinearFit]  # each kept unit's candidate bypass
-    scales: dict[Unit, float]  # weight / stream energy: a fit's error as the error it injects, relative
+    candidates: dict[Unit, Bypass]  # each kept unit's candidate bypass (float32)
+    damage: dict[Unit, float]  # the error each candidate injects, relative to the stream (local score)
     ffn_stats: dict[Unit, UnitStats]  # every FeedForward's, on the model's own device
     bypasses: dict[Unit, Bypass]  # the bypasses of the removed units, as this walk fitted them
     checkpoints: Checkpoints
@@ -254,7 +255,7 @@ class Selector:
     score are re-ranked by their output KL on the probe sequences.
 
     A walk starts where it differs from the walk before it in the trajectory: everything in front
-    of the first newly removed unit (its stream, statistics and fits) is that walk's, exactly, so
+    of the first newly removed unit (its stream, statistics and candidate fits) is that walk's, exactly, so
     it is resumed from the nearest checkpoint instead of recomputed."""
 
     def __init__(self, decoder: Decoder, groups: list[Group], sizes: dict[Group, int], ranks: dict[str, int],
@@ -290,8 +291,8 @@ class Selector:
         kept = [u for g in self.groups for u in g if g[0] not in removed]
         bypassed = set(removed)
         before = (lambda table: {u: v for u, v in table.items() if u[1] < start}) if parent else (lambda table: {})
-        current = _Walk(frozenset(removed), fits=before(parent.fits) if parent else {},
-                        scales=before(parent.scales) if parent else {},
+        current = _Walk(frozenset(removed), candidates=before(parent.candidates) if parent else {},
+                        damage=before(parent.damage) if parent else {},
                         ffn_stats=before(parent.ffn_stats) if parent else {},
                         bypasses=before(parent.bypasses) if parent else {}, checkpoints=Checkpoints(self.checkpoint_every))
         if parent is not None and parent is not self.first:  # what of the parent is made anew: free it first
@@ -303,9 +304,10 @@ class Selector:
             return current.bypasses[(kind, layer)]
 
         def unit_done(unit: Unit, stats: UnitStats) -> None:
-            current.scales[unit] = float(stats.weight) / max(float(stats.energy), 1e-30)
             if unit not in bypassed:
-                current.fits[unit] = self.candidate_fit(unit[0], stats)
+                fit = self.candidate_fit(unit[0], stats)
+                current.candidates[unit] = as_bypass(fit)
+                current.damage[unit] = stats.relative_error(fit.error)
             if unit[0] == "ffn":
                 current.ffn_stats[unit] = stats.to(self.home)
 
@@ -329,13 +331,13 @@ class Selector:
     def _score(self, removed: list[Unit], every_group: bool) -> dict[Group, float]:
         current = self.first if not removed and self.first is not None else self._walk(removed)
         kept = [g for g in self.groups if g[0] not in removed]
-        local = {g: sum(current.fits[u].error * current.scales[u] for u in g) / self.sizes[g] for g in kept}
+        local = {g: sum(current.damage[u] for u in g) / self.sizes[g] for g in kept}
         # Only the most promising groups by local score pay for forward passes, unless every
         # group must be scored alike (a contiguous run).
         if not every_group:
             kept = sorted(kept, key=local.__getitem__)[:max(1, self.shortlist // len(kept[0]))]
         unit_scores = output_effects(self.decoder, self.probe_ids, current.bypasses,
-                                     {u: as_bypass(current.fits[u]) for g in kept for u in g}, device=self.device)
+                                     {u: current.candidates[u] for g in kept for u in g}, device=self.device)
         scores = {g: sum(unit_scores[u] for u in g) for g in kept}
         if not removed and self.reuse_first_walk:
             self.first = current

@@ -216,6 +216,7 @@ def walk(
             elif unit_stats is not None:
                 stats[unit] = unit_stats
         decoder.layers[layer].to(home)
+        torch.clear_autocast_cache()  # bf16 weight copies made under bf16 matmuls: one layer's at a time
     decoder.body.embed_tokens.to(home)
     decoder.body.rotary_emb.to(home)
     return stats
