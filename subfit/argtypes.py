@@ -1,12 +1,38 @@
-"""Argument types shared by every `subfit` command: each parses its text and refuses a bad value
-with what was expected, so argparse prints one clear line and exits 2 before any work starts."""
+"""Argument parsing shared by every `subfit` command: a parser whose errors are one line, and
+types that parse their text and refuse a bad value with what was expected, so a bad argument is
+one clear line and exit status 2 before any work starts."""
 from __future__ import annotations
 
 import argparse
+import sys
 from typing import Callable
 
 from subfit.config import MAX_SPARSITY, check_sparsity
 from subfit.runtime.generate import SAMPLING_RULES
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse with its errors on one line, `prog: error: what is wrong; see prog --help`, exit
+    status 2 as before: the usage block it would print first is what --help shows anyway."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {one_line(message)}; see {self.prog} --help\n")
+
+
+# What bad input raises, here and in the Python API (PlanError, CalibrationError, OutputError,
+# UnsupportedModelError and CacheOverflowError are ValueErrors): refused in one line, exit status 2.
+BAD_INPUT = (ValueError, FileNotFoundError, IsADirectoryError, NotADirectoryError, PermissionError)
+
+
+def one_line(message: object) -> str:
+    """A message with its whitespace runs (newlines included) made single spaces."""
+    return " ".join(str(message).split())
+
+
+def refuse(prog: str, error: BaseException) -> int:
+    """Print `prog: error: message` on one line to stderr; returns the exit status, 2."""
+    print(f"{prog}: error: {one_line(error)}", file=sys.stderr)
+    return 2
 
 
 def number(convert: Callable, valid: Callable, expected: str) -> Callable[[str], object]:

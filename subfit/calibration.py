@@ -10,6 +10,9 @@ from pathlib import Path
 
 import torch
 
+from subfit.errors import cause
+from subfit.models import check_positions, max_positions
+
 SELF = "self"
 SAMPLING_CACHE_BYTES = 512 * 2**20  # KV cache of the sequences sampled at once from the model
 
@@ -18,17 +21,32 @@ class CalibrationError(ValueError):
     """The calibration request cannot be met as asked."""
 
 
-def read_text(path: str | os.PathLike) -> str:
-    """A text file with line endings normalised (WikiText ships CRLF)."""
+def read_text(path: str | os.PathLike, what: str = "Text file") -> str:
+    """A UTF-8 text file with line endings normalised (WikiText ships CRLF). A missing file, a
+    folder, bytes that are not UTF-8 and a file without text are refused, naming the file (`what`
+    says which input it is): decoding errors replaced by '?' would be scored as if they were text."""
     path = Path(path)
     if not path.is_file():
-        raise CalibrationError(f"Text file {path} does not exist.")
-    return path.read_text(encoding="utf-8", errors="replace").replace("\r\n", "\n").replace("\r", "\n")
+        raise FileNotFoundError(f"{what} {path} {'is a folder' if path.is_dir() else 'does not exist'}; give a "
+                                "text file.")
+    data = path.read_bytes()
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        line = data.count(b"\n", 0, e.start) + 1
+        raise ValueError(f"{what} {path} is not UTF-8 text (line {line}, byte {e.start}); convert it to "
+                               "UTF-8, e.g. iconv -f latin1 -t utf-8.") from None
+    if not text.strip():
+        raise ValueError(f"{what} {path} holds no text{' (only whitespace)' if text else ''}; give a file "
+                               "with text in it.")
+    return text.replace("\r\n", "\n").replace("\r", "\n")
 
 
 def tokenize_stream(tokenizer, text: str) -> torch.Tensor:
     """One long token stream; documents (blank-line separated) joined with EOS when there is one."""
     docs = [d.strip() for d in text.split("\n\n") if d.strip()]
+    if not docs:
+        raise CalibrationError("The calibration text holds no text (only whitespace).")
     ids: list[int] = []
     sep = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
     for encoded in tokenizer(docs, add_special_tokens=False)["input_ids"]:
@@ -52,18 +70,28 @@ def sample_windows(stream: torch.Tensor, n: int, length: int, seed: int, what: s
 
 
 def from_text_file(tokenizer, path, n: int, length: int, seed: int = 0) -> torch.Tensor:
-    return sample_windows(tokenize_stream(tokenizer, read_text(path)), n, length, seed, f"Calibration file {path}")
+    text = read_text(path, "Calibration file")
+    return sample_windows(tokenize_stream(tokenizer, text), n, length, seed, f"Calibration file {path}")
 
 
 def from_dataset(tokenizer, spec: str, n: int, length: int, seed: int = 0, text_field: str = "text") -> torch.Tensor:
     """`spec` is `ID[:CONFIG[:SPLIT]]` for `datasets.load_dataset` (needs network or a local cache)."""
-    from datasets import load_dataset
-
+    try:
+        from datasets import load_dataset
+    except ImportError:
+        raise CalibrationError(f"Calibration from hf:{spec} needs the `datasets` package: pip install datasets, "
+                               "or give a text file (--calib FILE).") from None
     name, config, split = (spec.split(":") + [None, None])[:3]
-    data = load_dataset(name, config or None, split=split or "train")
+    try:
+        data = load_dataset(name, config or None, split=split or "train")
+    except (OSError, ValueError) as e:  # unreachable hub, unknown id, config or split: datasets' own words
+        raise CalibrationError(f"Cannot load the dataset hf:{spec}: {cause(e)} Check the ID[:CONFIG[:SPLIT]], or give "
+                               "a text file (--calib FILE).") from None
     if text_field not in data.column_names:
         raise CalibrationError(f"Dataset {spec} has no column {text_field!r}; its columns are {data.column_names}.")
     text = "\n\n".join(t for t in data[text_field] if t and t.strip())
+    if not text:
+        raise CalibrationError(f"Dataset {spec} holds no text in its column {text_field!r}.")
     return sample_windows(tokenize_stream(tokenizer, text), n, length, seed, f"Dataset {spec}")
 
 
@@ -98,6 +126,7 @@ def load_calibration(source: str | None, model, tokenizer, n: int, length: int, 
     """Dispatch on the source: None/'self' (sampled from the model), `hf:ID[:CONFIG[:SPLIT]]`, or a file."""
     if n < 1 or length < 2:
         raise CalibrationError(f"Calibration needs at least 1 sequence of at least 2 tokens; got {n} x {length}.")
+    check_positions(max_positions(model.config), length, f"calib_len={length} (--calib-len)")
     if source is None or source == SELF:
         return from_model(model, tokenizer, n, length, seed)
     if source.startswith("hf:"):

@@ -10,7 +10,7 @@ from pathlib import Path
 from rich.console import Console
 from rich.table import Table
 
-from subfit.argtypes import positive_int, sparsity
+from subfit.argtypes import BAD_INPUT, ArgumentParser, positive_int, refuse, sparsity
 from subfit.files import check_output, write_json
 from subfit.methods import BASELINES, METHODS
 from subfit.runtime.cli import add_commands as add_runtime_commands
@@ -67,22 +67,23 @@ CONFIG_OPTIONS = ("calib_samples", "calib_len", "seed", "attn_rank", "ffn_rank",
 
 
 def run_compress(args) -> int:
+    from subfit.calibration import SELF, read_text
     from subfit.config import SubFitConfig
     from subfit.plan import PLAN_FOLDER
 
+    # Everything is checked before the model loads, by the checks the Python API makes.
     out = Path(args.out)
     check_output(out, overwrite=args.overwrite, folder=PLAN_FOLDER)
-    if args.calib and not args.calib.startswith("hf:") and not Path(args.calib).is_file():
-        raise SystemExit(f"error: calibration file {args.calib} does not exist (or use hf:ID for a dataset).")
+    if args.calib not in (None, SELF) and not args.calib.startswith("hf:"):
+        read_text(args.calib, "Calibration file")
     given = {name: getattr(args, name) for name in CONFIG_OPTIONS if getattr(args, name) is not None}
     if args.method != "subfit":
         subfit_only = sorted(f"--{n.replace('_', '-')}" for n in given if n in ("attn_rank", "ffn_rank", "selection_draws"))
         if subfit_only:
-            raise SystemExit(f"error: {', '.join(subfit_only)} are SubFit options; they do not apply to "
-                             f"--method {args.method}.")
-    if args.method != "subfit":
+            raise ValueError(f"{', '.join(subfit_only)} are SubFit options; they do not apply to --method "
+                             f"{args.method}: leave them out.")
         given["selection_draws"] = 1  # a baseline makes one selection: hold nothing out
-    config = SubFitConfig(**given)  # checked here, before the model is loaded
+    config = SubFitConfig(**given)
     start = time.time()
     from subfit import models
 
@@ -126,7 +127,8 @@ def add_eval(sub) -> None:
     p.add_argument("target", nargs="?", default=None,
                    help="plan directory, or a model (id/folder/.gguf; default the embedded SmolLM2)")
     p.add_argument("--ppl", default=None, help="text file for perplexity")
-    p.add_argument("--window", type=positive_int, default=1024, help="perplexity window in tokens (default 1024)")
+    p.add_argument("--window", type=positive_int, default=None,
+                   help="perplexity window in tokens (default 1024, or the model's positions if fewer)")
     p.add_argument("--stride", type=positive_int, default=None, help="perplexity stride (default: the window)")
     p.add_argument("--max-tokens", type=positive_int, default=None, help="score only the first N tokens of --ppl")
     p.add_argument("--tasks", nargs="*", default=[], help="multiple-choice task files (.jsonl)")
@@ -144,20 +146,20 @@ def add_eval(sub) -> None:
 
 def run_eval(args) -> int:
     from subfit import models
-    from subfit.evaluation import check_perplexity_window, evaluate
+    from subfit.evaluation import check_inputs, evaluate
     from subfit.plan import Plan
     from subfit.reference import ReferenceModel
 
     if args.lm_eval:
         return run_lm_eval(args)
+    # Everything is checked before the model loads (the window against its positions once it has).
     if args.ppl is None and not args.tasks:
-        raise SystemExit("error: nothing to evaluate: give --ppl FILE and/or --tasks FILE..., or --lm-eval TASK...")
-    for path in [args.ppl, *args.tasks]:
-        if path is not None and not Path(path).is_file():
-            raise SystemExit(f"error: {path} does not exist.")
+        raise ValueError("nothing to evaluate: give --ppl FILE and/or --tasks FILE..., or --lm-eval TASK...")
     if args.json:
         check_output(args.json, overwrite=args.overwrite)
-    check_perplexity_window(args.window, args.stride)
+    settings = dict(ppl=args.ppl, tasks=args.tasks, limit=args.limit, window=args.window, stride=args.stride,
+                    max_tokens=args.max_tokens, batch_size=args.batch_size)
+    check_inputs(**settings)
     is_plan = args.target is not None and (Path(args.target) / "plan.json").exists()
     if is_plan:
         plan = Plan.load(args.target)
@@ -176,20 +178,18 @@ def run_eval(args) -> int:
         report["removed_units"] = plan.removed_units()
     for name, fn in columns.items():
         console.print(f"[bold]evaluating {name}[/bold]")
-        report["columns"][name] = evaluate(fn, tokenizer, ppl=args.ppl, tasks=args.tasks, limit=args.limit,
-                                           window=args.window, stride=args.stride, max_tokens=args.max_tokens,
-                                           dense_fn=dense if name != "dense" else None, batch_size=args.batch_size)
+        report["columns"][name] = evaluate(fn, tokenizer, dense_fn=dense if name != "dense" else None, **settings)
     return show_report(report, args.json, args.overwrite)
 
 
 def run_lm_eval(args) -> int:
     """`subfit eval --lm-eval`: the tasks through lm-evaluation-harness (subfit.harness)."""
     if args.ppl is not None or args.tasks:
-        raise SystemExit("error: --lm-eval runs lm-evaluation-harness tasks; give it without --ppl/--tasks.")
+        raise ValueError("--lm-eval runs lm-evaluation-harness tasks; give it without --ppl/--tasks.")
     try:
         from subfit.harness import evaluate_tasks
     except ModuleNotFoundError as e:
-        raise SystemExit(f"error: {e}") from e
+        raise ValueError(f"--lm-eval: {e}") from None
     if args.json:
         check_output(args.json, overwrite=args.overwrite)
     is_plan = args.target is not None and (Path(args.target) / "plan.json").exists()
@@ -260,13 +260,13 @@ def run_sweep(args) -> int:
     """The sweep is a research tool that ships with the source repository (it draws plots and
     reads the benchmark assets), not with the package: run it from the checkout."""
     if not SWEEP_SCRIPT.is_file():
-        raise SystemExit("error: `subfit sweep` runs bench/sweep/sweep.py from a source checkout of subfit, and this "
-                         "installation has none. Clone the repository and `pip install -e \".[dev]\"` there.")
+        raise FileNotFoundError("`subfit sweep` runs bench/sweep/sweep.py from a source checkout of subfit, and this "
+                                "installation has none. Clone the repository and `pip install -e \".[dev]\"` there.")
     return subprocess.call([sys.executable, str(SWEEP_SCRIPT), *args.args])
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="subfit", description="SubFit compression and fast decode of LLMs.")
+    parser = ArgumentParser(prog="subfit", description="SubFit compression and fast decode of LLMs.")
     sub = parser.add_subparsers(dest="command", required=True)
     add_compress(sub)
     add_eval(sub)
@@ -279,9 +279,8 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.run(args)
-    except (ValueError, FileNotFoundError) as e:  # bad input: say what is wrong, no traceback
-        console.print(f"[red]error:[/red] {e}")
-        return 2
+    except BAD_INPUT as e:  # bad input: one line saying what is wrong and what to do, no traceback
+        return refuse(f"subfit {args.command}", e)
 
 
 if __name__ == "__main__":

@@ -5,7 +5,8 @@ selection draws, the device); every plan records it. `DevOptions` holds the meth
 and development settings, which only the quality sweep and experiments change. Both are checked
 when they are made, before any model is loaded, so a bad value never costs a compress run.
 
-Torch-free on purpose: the command line parses and checks arguments without importing torch.
+Torch-free on purpose: the command line parses and checks arguments without importing torch
+(only a named device is checked with torch, against the devices this machine has).
 """
 from __future__ import annotations
 
@@ -78,6 +79,10 @@ class SubFitConfig:
                  f"Give more calibration (--calib-samples) or use one draw (--selection-draws 1).")
         _require(self.device is None or isinstance(self.device, str),
                  f"device={self.device!r} must be a device name such as 'cpu' or 'cuda', or None.")
+        if self.device is not None:
+            from subfit.devices import check_device  # torch: only when a device is named
+
+            check_device(self.device)
 
     def calibration_size(self, sampled: bool) -> tuple[int, int]:
         """(sequences, tokens per sequence) of calibration text from a file or dataset, or `sampled`

@@ -11,21 +11,24 @@ import math
 import numbers
 import os
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Sequence
 
 import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from subfit.calibration import read_text
+from subfit.models import check_positions
 
 LogitsFn = Callable[[torch.Tensor], torch.Tensor]
+DEFAULT_WINDOW = 1024  # perplexity window in tokens, when the model takes that many
+MAX_CONTEXT = 2048  # tokens of a multiple-choice context and continuation, as lm-eval's default max_length
 TASK_FORMATS = ("query/choices/gold", "context_options/continuation/gold", "context/continuation")
 
 
-def text_tokens(tokenizer, path: str | os.PathLike, max_tokens: int | None = None) -> torch.Tensor:
-    """The whole file as one stream (tokenizer's own BOS handling; CRLF normalised)."""
-    ids = torch.tensor(tokenizer(read_text(path))["input_ids"], dtype=torch.long)
+def text_tokens(tokenizer, text: str, max_tokens: int | None = None) -> torch.Tensor:
+    """The whole text as one stream (the tokenizer's own BOS handling), cut to `max_tokens`."""
+    ids = torch.tensor(tokenizer(text)["input_ids"], dtype=torch.long)
     return ids[:max_tokens] if max_tokens else ids
 
 
@@ -60,18 +63,19 @@ def perplexity(
     logits_fn: LogitsFn,
     ids: torch.Tensor,
     *,
-    window: int = 1024,
+    window: int | None = None,
     stride: int | None = None,
     dense_fn: LogitsFn | None = None,
     progress: bool = True,
 ) -> dict:
     """Perplexity of a token stream; with `dense_fn`, also KL(dense || model) and top-1 agreement.
     Each window's summed NLL is kept, so two models scored on the same stream can be compared
-    window by window (`perplexity_ratio`)."""
-    check_perplexity_window(window, stride)
+    window by window (`perplexity_ratio`). `window` defaults to `DEFAULT_WINDOW`, or the model's
+    positions if fewer."""
+    window = check_perplexity_window(window, stride, getattr(logits_fn, "max_positions", None))
     stride = window if stride is None else stride
     if ids.numel() < 2:
-        raise ValueError("The text has fewer than 2 tokens: nothing to score.")
+        raise ValueError("The text has fewer than 2 tokens: nothing to score; give a longer text.")
     window_nll, window_tokens, kl, agree = [], [], 0.0, 0
     spans = list(_windows(ids.numel(), window, stride))
     for start, end, first in tqdm(spans, desc="perplexity", disable=not progress, leave=False):
@@ -105,13 +109,42 @@ def _check_count(name: str, value, minimum: int = 1, *, optional: bool = False, 
                      f"{f' ({why})' if why else ''}.")
 
 
-def check_perplexity_window(window: int, stride: int | None) -> None:
-    """Refuse windows that would score nothing or skip tokens."""
+def check_perplexity_window(window: int | None, stride: int | None, max_positions: int | None = None) -> int:
+    """The window to score with: as given, or `DEFAULT_WINDOW` tokens or the model's positions
+    if fewer (a default is never refused); refuse windows that would score nothing, skip tokens,
+    or run past the model's positions."""
+    if window is None:
+        window = min(DEFAULT_WINDOW, max_positions or DEFAULT_WINDOW)
     _check_count("window", window, 2, why="a window needs a token and a next token to score")
     _check_count("stride", stride, 1, optional=True, why="None: the window")
     if stride is not None and stride > window:
         raise ValueError(f"stride={stride} is larger than window={window}: tokens between windows would never be "
                          "scored. Give a stride of at most the window.")
+    check_positions(max_positions, window, f"window={window} (--window)")
+    return window
+
+
+def check_inputs(*, ppl: str | os.PathLike | None = None, tasks: Sequence[str | os.PathLike] = (),
+                 limit: int | None = None, window: int | None = None, stride: int | None = None,
+                 max_tokens: int | None = None, batch_size: int = 16,
+                 max_positions: int | None = None) -> tuple[str | None, dict[str, list[dict]]]:
+    """Check every evaluation setting and input file, before any work: `evaluate` calls it, and
+    `subfit eval` before it loads the model. Returns the perplexity text and each task's examples."""
+    check_perplexity_window(window, stride, max_positions)
+    if isinstance(tasks, (str, os.PathLike)):
+        raise ValueError(f"tasks={str(tasks)!r} is one path; give a list of task files, e.g. tasks=[{str(tasks)!r}].")
+    _check_count("max_tokens", max_tokens, 2, optional=True, why="None: the whole text")
+    _check_count("batch_size", batch_size)
+    _check_count("limit", limit, optional=True, why="None: every example")
+    text = read_text(ppl, "Perplexity text") if ppl is not None else None
+    docs: dict[str, list[dict]] = {}
+    for path in tasks:
+        name = Path(path).stem
+        if name in docs:
+            raise ValueError(f"Two task files are named {name!r}; their results would share one entry of the "
+                             "report. Rename one of them.")
+        docs[name] = load_task(path, limit)
+    return text, docs
 
 
 def load_task(path: str | os.PathLike, limit: int | None = None) -> list[dict]:
@@ -204,8 +237,11 @@ def _encode_pair(tokenizer, context: str, continuation: str) -> tuple[list[int],
 
 @torch.no_grad()
 def loglikelihoods(logits_fn: LogitsFn, tokenizer, pairs: list[tuple[str, str]], batch_size: int = 16,
-                   max_len: int = 2048, progress: bool = True) -> list[tuple[float, bool]]:
-    """(summed log-likelihood of the continuation, whether it is the greedy continuation)."""
+                   max_len: int | None = None, progress: bool = True) -> list[tuple[float, bool]]:
+    """(summed log-likelihood of the continuation, whether it is the greedy continuation). Contexts
+    are cut from the left to `max_len` tokens: by default 2048, or the model's positions if fewer."""
+    if max_len is None:
+        max_len = min(MAX_CONTEXT, getattr(logits_fn, "max_positions", None) or MAX_CONTEXT)
     encoded = [_encode_pair(tokenizer, c, x) for c, x in pairs]
     order = sorted(range(len(encoded)), key=lambda i: -len(encoded[i][0]))
     results: list[tuple[float, bool]] = [(0.0, False)] * len(encoded)
@@ -316,7 +352,7 @@ def evaluate(
     ppl: str | os.PathLike | None = None,
     tasks: list[str | os.PathLike] = (),
     limit: int | None = None,
-    window: int = 1024,
+    window: int | None = None,
     stride: int | None = None,
     max_tokens: int | None = None,
     dense_fn: LogitsFn | None = None,
@@ -324,24 +360,14 @@ def evaluate(
     progress: bool = True,
 ) -> dict:
     """Perplexity on a text file (and agreement with `dense_fn`), and accuracy on task files. Every
-    setting and every task file is checked before any work."""
-    check_perplexity_window(window, stride)
-    _check_count("max_tokens", max_tokens, 2, optional=True, why="None: the whole text")
-    _check_count("batch_size", batch_size)
-    _check_count("limit", limit, optional=True, why="None: every example")
-    if ppl is not None and not Path(ppl).is_file():
-        raise FileNotFoundError(f"Perplexity text {ppl} {'is a folder' if Path(ppl).is_dir() else 'does not exist'}; "
-                                "give a text file.")
-    docs: dict[str, list[dict]] = {}
-    for path in tasks:
-        name = Path(path).stem
-        if name in docs:
-            raise ValueError(f"Two task files are named {name!r}; their results would share one entry of the "
-                             "report. Rename one of them.")
-        docs[name] = load_task(path, limit)
+    setting and every input file is checked before any work (`check_inputs`), the window against
+    the model's positions too when `logits_fn` knows them (`ReferenceModel.max_positions`)."""
+    text, docs = check_inputs(ppl=ppl, tasks=tasks, limit=limit, window=window, stride=stride,
+                              max_tokens=max_tokens, batch_size=batch_size,
+                              max_positions=getattr(logits_fn, "max_positions", None))
     report: dict = {}
-    if ppl is not None:
-        ids = text_tokens(tokenizer, ppl, max_tokens)
+    if text is not None:
+        ids = text_tokens(tokenizer, text, max_tokens)
         report["perplexity"] = {"file": str(ppl), **perplexity(logits_fn, ids, window=window, stride=stride,
                                                                 dense_fn=dense_fn, progress=progress)}
     for name, examples in docs.items():

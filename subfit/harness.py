@@ -42,6 +42,7 @@ except ModuleNotFoundError as e:
                               name=e.name) from e
 
 from subfit import models
+from subfit.devices import check_device, default_device
 from subfit.plan import Plan
 from subfit.reference import ReferenceModel
 from subfit.runtime import Runtime, sample
@@ -148,7 +149,7 @@ def build_executor(kind: str, hf_model, plan: Plan | None, tokenizer, max_length
 def load_base(plan: Plan | None, base: str | None, device: str | None, dtype: str | None):
     """(hf_model, tokenizer) of the plan's base model (or of `base`, dense), on `device`
     (default CUDA if available) in `dtype` (default bfloat16 on CUDA, float32 elsewhere)."""
-    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    device = check_device(device or default_device())
     dtype = parse_dtype(dtype, device)
     if plan is not None:
         hf_model, tokenizer, _ = models.load_base(plan.base, base, dtype=dtype, device=device)

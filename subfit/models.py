@@ -15,6 +15,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from subfit.devices import check_device
+from subfit.errors import cause
 SUPPORTED_FAMILIES = ("llama", "mistral", "qwen2", "qwen3")
 DEFAULT_MODEL = "default:smollm2"
 _DEFAULT_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -50,7 +52,7 @@ def resolve_source(name: str | os.PathLike | None) -> ModelSource:
     path = Path(name)
     if path.suffix == ".gguf":
         if not path.is_file():
-            raise FileNotFoundError(f"GGUF file {path} does not exist.")
+            raise FileNotFoundError(f"GGUF file {path} does not exist; give the path of a .gguf file.")
         return ModelSource(str(path.parent.resolve()), path.name)
     if path.is_dir():
         if not (path / "config.json").exists():
@@ -62,6 +64,9 @@ def resolve_source(name: str | os.PathLike | None) -> ModelSource:
                 + "; pass a Hugging Face model folder, a hub id or a .gguf file."
             )
         return ModelSource(str(path.resolve()))
+    if str(name).startswith((".", "/", "~")) or len(path.parts) > 2 or path.exists():
+        raise FileNotFoundError(f"{name} is not a model folder or .gguf file here (and not a Hugging Face id): "
+                                "give the path of a folder with config.json, a .gguf file, or a hub id.")
     return ModelSource(str(name))  # a hub id: transformers resolves (and caches) it
 
 
@@ -72,10 +77,25 @@ def check_family(config) -> None:
         arch = ", ".join(getattr(config, "architectures", None) or []) or "unknown"
         raise UnsupportedModelError(
             f"Model type {model_type!r} (architecture {arch}) is not supported. subfit compresses "
-            f"pre-norm decoders with a gated MLP: {', '.join(SUPPORTED_FAMILIES)}."
+            f"pre-norm decoders with a gated MLP: give a model of one of {', '.join(SUPPORTED_FAMILIES)}."
         )
     if getattr(config, "hidden_act", "silu") not in ("silu", "swish"):
         raise UnsupportedModelError(f"hidden_act={config.hidden_act!r} is not supported; subfit expects SwiGLU (silu).")
+
+
+def max_positions(config) -> int | None:
+    """The longest sequence the model was trained on (`max_position_embeddings`), when its config says."""
+    value = getattr(config, "max_position_embeddings", None)
+    return value if isinstance(value, int) and value > 0 else None
+
+
+def check_positions(limit: int | None, length: int, what: str) -> None:
+    """Refuse a sequence length beyond a model's positions (`limit`, from `max_positions`; None: no
+    limit known), naming the limit: past it RoPE extrapolates and every result is silently wrong.
+    `what` names the setting, e.g. "calib_len=1024 (--calib-len)"."""
+    if limit is not None and length > limit:
+        raise ValueError(f"{what} is longer than the model's {limit} positions (max_position_embeddings); "
+                         f"give at most {limit}.")
 
 
 def load(
@@ -88,14 +108,19 @@ def load(
     """Load (model, tokenizer, source). The model is put in eval mode with SDPA attention."""
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
+    device = check_device(device)
     source = name if isinstance(name, ModelSource) else resolve_source(name)
     kwargs = {"gguf_file": source.gguf_file} if source.gguf_file else {}
-    config = AutoConfig.from_pretrained(source.path, trust_remote_code=trust_remote_code, **kwargs)
-    check_family(config)
-    model = AutoModelForCausalLM.from_pretrained(
-        source.path, dtype=dtype, attn_implementation="sdpa", trust_remote_code=trust_remote_code, **kwargs
-    )
-    tokenizer = AutoTokenizer.from_pretrained(source.path, trust_remote_code=trust_remote_code, **kwargs)
+    try:
+        config = AutoConfig.from_pretrained(source.path, trust_remote_code=trust_remote_code, **kwargs)
+        check_family(config)
+        model = AutoModelForCausalLM.from_pretrained(
+            source.path, dtype=dtype, attn_implementation="sdpa", trust_remote_code=trust_remote_code, **kwargs
+        )
+        tokenizer = AutoTokenizer.from_pretrained(source.path, trust_remote_code=trust_remote_code, **kwargs)
+    except OSError as e:  # transformers' several-line explanations: a hub id it could not fetch, a missing file
+        raise FileNotFoundError(f"Cannot load the model {source.describe()}: {cause(e)} Give a model folder (config, "
+                                "weights and tokenizer) or .gguf file, or a hub id that is cached or reachable.") from None
     model.subfit_source = source  # where the weights came from: a plan made from this model records it
     return model.to(device).eval(), tokenizer, source
 
@@ -151,7 +176,23 @@ class Decoder:
         return sum(p.numel() for layer in self.layers for p in layer.parameters())
 
     # execution -------------------------------------------------------------------------
+    @property
+    def max_positions(self) -> int | None:
+        return max_positions(self.config)
+
     def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """Token embeddings of `input_ids` [batch, length], after refusing what the embedding would fail
+        on with a bare IndexError or run silently wrong: ids that are not integers or lie outside the
+        vocabulary, and sequences beyond the model's positions. Every forward here starts with it."""
+        if input_ids.dtype.is_floating_point or input_ids.dtype == torch.bool or input_ids.dim() != 2:
+            raise ValueError(f"input_ids must be integer token ids [batch, length], got {input_ids.dtype} "
+                             f"{tuple(input_ids.shape)}.")
+        vocab = self.body.embed_tokens.num_embeddings
+        if input_ids.numel() and not 0 <= int(input_ids.min()) <= int(input_ids.max()) < vocab:
+            bad = input_ids[(input_ids < 0) | (input_ids >= vocab)].unique()[:5].tolist()
+            raise ValueError(f"Token ids {bad} are outside the model's vocabulary [0, {vocab}); tokenize with the "
+                             "model's own tokenizer.")
+        check_positions(self.max_positions, input_ids.shape[1], f"A sequence of {input_ids.shape[1]} tokens")
         return self.body.embed_tokens(input_ids)
 
     def rotary(self, hidden: torch.Tensor, position_ids: torch.Tensor):

@@ -26,6 +26,11 @@ class ReferenceModel(nn.Module):
         if plan is not None and check_base:
             plan.check_base(self.decoder)
 
+    @property
+    def max_positions(self) -> int | None:
+        """The longest sequence the base model takes: `evaluate` checks its window against it."""
+        return self.decoder.max_positions
+
     def action(self, kind: str, layer: int) -> str:
         return "keep" if self.plan is None else self.plan.actions(kind)[layer]
 

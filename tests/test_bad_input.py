@@ -236,6 +236,7 @@ class CountingModel:
 
     def __init__(self, model):
         self.ref, self.calls = ReferenceModel(model), 0
+        self.max_positions = self.ref.max_positions
 
     def __call__(self, ids):
         self.calls += 1
@@ -254,6 +255,7 @@ class CountingModel:
     ({"tasks": ["{good}", "{good}"]}, "Two task files are named 'good'"),
     ({"ppl": "missing.txt"}, "missing.txt does not exist"),
     ({"ppl": "{folder}"}, "is a folder; give a text file"),
+    ({"tasks": "piqa.jsonl"}, r"tasks='piqa.jsonl' is one path; give a list of task files, e.g. tasks=\['piqa.jsonl'\]"),
 ])
 def test_evaluation_settings_are_checked_before_any_work(settings, message, stories, tinystories_file, tmp_path):
     (tmp_path / "good.jsonl").write_text(json.dumps(GOOD) + "\n")
@@ -261,7 +263,8 @@ def test_evaluation_settings_are_checked_before_any_work(settings, message, stor
     settings = {"ppl": tinystories_file, "max_tokens": 200, "window": 64, **settings}
     if settings["ppl"] == "{folder}":
         settings["ppl"] = tmp_path
-    settings["tasks"] = [tmp_path / f"{t.strip('{}')}.jsonl" for t in settings.get("tasks", [])]
+    if isinstance(settings.get("tasks"), list):
+        settings["tasks"] = [tmp_path / f"{t.strip('{}')}.jsonl" for t in settings["tasks"]]
     model = CountingModel(stories[0])
     with pytest.raises((ValueError, FileNotFoundError), match=message):
         evaluate(model, stories[1], progress=False, **settings)
@@ -319,3 +322,127 @@ def test_cli_and_python_share_the_sampling_rules(option, value, argument, capsys
     with pytest.raises(SystemExit) as error:
         main(["generate", "x", "--prompt", "a", option, value])
     assert error.value.code == 2 and f"expected {SAMPLING_RULES[argument][1]}, got {value}" in capsys.readouterr().err
+
+
+# texts --------------------------------------------------------------------------------------
+@pytest.mark.parametrize("content, message", [
+    (b"", "holds no text; give a file with text in it"),
+    (b" \n\n\t\n", "holds no text (only whitespace)"),
+    (b"Once upon a time\nthere was a caf\xe9.\n", "is not UTF-8 text (line 2, byte 32); convert it to UTF-8"),
+])
+def test_texts_that_are_empty_or_not_utf8_are_refused_naming_the_file(content, message, stories, tmp_path):
+    from subfit.calibration import load_calibration
+    from subfit.compression import compress
+
+    model, tokenizer, _ = stories
+    path = tmp_path / "text.txt"
+    path.write_bytes(content)
+    with pytest.raises(ValueError, match=re.escape(f"Calibration file {path} {message}")):
+        load_calibration(str(path), model, tokenizer, 2, 16)
+    with pytest.raises(ValueError, match=re.escape(f"Calibration file {path} {message}")):
+        compress(model, 0.25, path, tokenizer=tokenizer, progress=False)
+    counting = CountingModel(model)
+    with pytest.raises(ValueError, match=re.escape(f"Perplexity text {path} {message}")):
+        evaluate(counting, tokenizer, ppl=path, window=64, progress=False)
+    assert counting.calls == 0
+
+
+# model limits -------------------------------------------------------------------------------
+def test_lengths_beyond_the_models_positions_are_refused_with_the_number(stories, tinystories_file):
+    from subfit.calibration import load_calibration
+    from subfit.runtime import Runtime
+
+    model, tokenizer, _ = stories
+    limit = model.config.max_position_embeddings
+    beyond = f"longer than the model's {limit} positions (max_position_embeddings); give at most {limit}"
+    with pytest.raises(ValueError, match=re.escape(f"calib_len={limit + 1} (--calib-len) is {beyond}")):
+        load_calibration(str(tinystories_file), model, tokenizer, 2, limit + 1)
+    counting = CountingModel(model)
+    with pytest.raises(ValueError, match=re.escape(f"window={2 * limit} (--window) is {beyond}")):
+        evaluate(counting, tokenizer, ppl=tinystories_file, window=2 * limit, progress=False)
+    assert counting.calls == 0
+    with pytest.raises(ValueError, match=re.escape(f"max_seq_len={limit + 1} (--max-seq-len) is {beyond}")):
+        Runtime.from_hf(model, None, tokenizer, max_seq_len=limit + 1)
+    with pytest.raises(ValueError, match=re.escape(f"A sequence of {limit + 1} tokens is {beyond}")):
+        ReferenceModel(model)(torch.ones(1, limit + 1, dtype=torch.long))
+    # The defaults stay within: the runtime's cache and the perplexity window shrink to the model.
+    assert Runtime.from_hf(model, None, tokenizer).max_seq_len == limit
+    report = evaluate(ReferenceModel(model), tokenizer, ppl=tinystories_file, max_tokens=600, progress=False)
+    assert report["perplexity"]["window"] == limit
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    ({"max_seq_len": 0}, "max_seq_len=0: expected a positive integer"),
+    ({"max_seq_len": 64.0}, "max_seq_len=64.0"),
+    ({"batch_size": 0}, "batch_size=0: expected a positive integer"),
+])
+def test_runtime_sizes_are_checked(kwargs, message, stories):
+    from subfit.runtime import Runtime
+
+    with pytest.raises(ValueError, match=re.escape(message)):
+        Runtime.from_hf(stories[0], None, stories[1], **kwargs)
+
+
+# token ids ----------------------------------------------------------------------------------
+@pytest.mark.parametrize("prompt, kwargs, message", [
+    ([1.7, 9.2], {}, "prompt holds 1.7, which is not a token id"),
+    ([[1, 9], [1, True]], {}, "prompt holds True"),
+    (torch.tensor([1.0, 9.0]), {}, "ids holds 1.0"),
+    ([1, 600], {}, "Token ids [600] are outside the vocabulary [0, 512)"),
+    ([1, 9], {"eos": "a"}, "eos='a': expected token ids"),
+    ([1, 9], {"eos": 2.0}, "eos=2.0: expected token ids"),
+    ([1, 9], {"eos": [2, "</s>"]}, "eos holds '</s>', which is not a token id"),
+])
+def test_token_ids_are_integers_in_the_vocabulary(prompt, kwargs, message, runtime):
+    with pytest.raises(ValueError, match=re.escape(message)):
+        runtime.generate(prompt, max_new_tokens=2, **kwargs)
+    assert runtime.generate([1, 9], max_new_tokens=2, eos=2).ids  # the same runtime still works
+
+
+@pytest.mark.parametrize("ids, message", [
+    (torch.tensor([[1, 600]]), "Token ids [600] are outside the model's vocabulary [0, 512)"),
+    (torch.tensor([[-1, 5]]), "Token ids [-1]"),
+    (torch.tensor([[1.0, 5.0]]), "input_ids must be integer token ids [batch, length], got torch.float32"),
+    (torch.tensor([1, 5]), "got torch.int64 (2,)"),
+])
+def test_reference_model_refuses_bad_token_ids(ids, message, stories):
+    with pytest.raises(ValueError, match=re.escape(message)):
+        ReferenceModel(stories[0])(ids)
+
+
+@pytest.mark.parametrize("calib, message", [
+    (torch.full((20, 16), 600), "Token ids [600] are outside the model's vocabulary [0, 512)"),
+    (torch.ones(20, 513, dtype=torch.long), "A sequence of 513 tokens is longer than the model's 512 positions"),
+])
+def test_calibration_token_tensors_are_checked_by_the_first_embedding(calib, message, stories):
+    from subfit.compression import compress
+
+    with pytest.raises(ValueError, match=re.escape(message)):
+        compress(stories[0], 0.25, calib, progress=False)
+
+
+# devices ------------------------------------------------------------------------------------
+@pytest.mark.parametrize("device, message", [
+    ("banana", "device='banana' is not a device name; use cpu, cuda or cuda:N"),
+    ("cuda:99", "device='cuda:99'"),
+    ("meta", "device='meta' holds no data"),
+    (3.5, "device=3.5 must be a device name"),
+])
+def test_one_device_check_for_every_entry_point(device, message, stories_dir):
+    from subfit import models
+    from subfit.config import SubFitConfig
+    from subfit.runtime import load
+
+    for make in (lambda: SubFitConfig(device=device), lambda: models.load(stories_dir, device=device),
+                 lambda: load(stories_dir, device=device)):
+        with pytest.raises(ValueError, match=re.escape(message)):
+            make()
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has a GPU")
+def test_cuda_without_a_gpu_says_so(stories_dir):
+    from subfit.runtime import load
+
+    with pytest.raises(ValueError, match=r"device='cuda' needs a CUDA GPU, and torch .* here (was built without "
+                                         r"CUDA|finds no CUDA GPU); use cpu"):
+        load(stories_dir, device="cuda")

@@ -23,7 +23,7 @@ def test_too_little_text_says_how_much_there_is(stories, tmp_path):
 
 def test_missing_file_and_bad_sizes(stories, tmp_path):
     model, tok, _ = stories
-    with pytest.raises(CalibrationError, match="does not exist"):
+    with pytest.raises(FileNotFoundError, match="does not exist"):
         load_calibration(str(tmp_path / "nope.txt"), model, tok, 2, 16)
     with pytest.raises(CalibrationError, match="at least"):
         load_calibration(None, model, tok, 0, 16)

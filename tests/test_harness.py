@@ -206,10 +206,10 @@ def test_subfit_eval_lm_eval_prints_dense_and_plan_with_paired_differences(plan_
 def test_without_lm_eval_the_command_says_how_to_install(plan_dir):
     code = ("import sys; sys.modules['lm_eval'] = None\n"  # what Python sees when the package is not installed
             "from subfit.cli import main\n"
-            f"main(['eval', {str(plan_dir)!r}, '--lm-eval', 'piqa'])\n")
+            f"sys.exit(main(['eval', {str(plan_dir)!r}, '--lm-eval', 'piqa']))\n")
     done = subprocess.run([sys.executable, "-c", code], cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO)},
                           capture_output=True, text=True, timeout=300)
-    assert done.returncode != 0
+    assert done.returncode == 2 and len(done.stderr.strip().splitlines()) == 1
     assert "lm-evaluation-harness is not installed" in done.stderr and 'pip install -e ".[eval]"' in done.stderr
     assert "Traceback" not in done.stderr
 

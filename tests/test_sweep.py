@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 
 from subfit.cli import main
+from subfit.files import OutputError
 from subfit.plan import Plan
 
 SWEEP = Path(__file__).resolve().parents[1] / "bench" / "sweep"
@@ -91,10 +92,15 @@ def test_sweep_outputs_cache_and_resume(stories_dir, files, tmp_path):
         assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 10_000
     assert json.loads((tmp_path / "results" / "sweep.json").read_text())["rows"] == json.loads(json.dumps(results["rows"]))
 
-    # A second run recomputes nothing: no walk, no plan, no evaluation is redone.
+    # A second run recomputes nothing: no walk, no plan, no evaluation is redone; it replaces the
+    # results only when asked to, and is refused before any work otherwise.
     cache = tmp_path / "cache"
-    stamps = {p: p.stat().st_mtime_ns for p in cache.rglob("*") if p.is_file()}
-    again = run_sweep(config(stories_dir, files, tmp_path))
+    stamps = {p: p.stat().st_mtime_ns for p in tmp_path.rglob("*") if p.is_file()}
+    with pytest.raises(OutputError, match=r"sweep.json already exists; choose another path or pass --overwrite"):
+        run_sweep(config(stories_dir, files, tmp_path))
+    assert {p: p.stat().st_mtime_ns for p in tmp_path.rglob("*") if p.is_file()} == stamps
+    stamps = {p: t for p, t in stamps.items() if cache in p.parents}
+    again = run_sweep(config(stories_dir, files, tmp_path), overwrite=True)
     assert {p: p.stat().st_mtime_ns for p in cache.rglob("*") if p.is_file()} == stamps
     assert again["computed_this_run"] == {"walks": [], "plans": [], "evals": [], "reused_evals": []}
     assert again["rows"] == results["rows"]
@@ -106,7 +112,7 @@ def test_sweep_outputs_cache_and_resume(stories_dir, files, tmp_path):
         p.unlink()
     lost.rmdir()
     (cache / "evals" / "replaceme@0.25.json").unlink()
-    resumed = run_sweep(config(stories_dir, files, tmp_path))
+    resumed = run_sweep(config(stories_dir, files, tmp_path), overwrite=True)
     # The dense scores come from the cache; ReplaceMe's fit walk is redone for the lost level only.
     done = resumed["computed_this_run"]
     assert done["walks"] == ["replaceme_fit"] and done["plans"] == ["replaceme@0.25"]
@@ -120,17 +126,17 @@ def test_sweep_outputs_cache_and_resume(stories_dir, files, tmp_path):
 
     # Other SubFit settings make the SubFit rows again and reuse every baseline.
     restep = {"step": 0.375, "score_samples": 8, "selection_draws": 1}
-    changed = run_sweep(config(stories_dir, files, tmp_path, subfit=restep))
+    changed = run_sweep(config(stories_dir, files, tmp_path, subfit=restep), overwrite=True)
     assert changed["computed_this_run"]["walks"] == []
     assert set(changed["computed_this_run"]["plans"]) == {
         f"{m}@{lv:g}" for m in ("subfit", "subfit-delete") for lv in LEVELS} | {"subfit-layer@0.25"}
     assert Plan.load(cache / "plans" / "subfit@0.25").method["sweep_settings"]["options"]["step"] == 0.375
-    same = run_sweep(config(stories_dir, files, tmp_path, subfit=restep))
+    same = run_sweep(config(stories_dir, files, tmp_path, subfit=restep), overwrite=True)
     assert same["computed_this_run"]["plans"] == []
 
     # Other calibration settings never mix with this cache.
     with pytest.raises(ValueError, match="other settings"):
-        run_sweep(config(stories_dir, files, tmp_path, calib_samples=12))
+        run_sweep(config(stories_dir, files, tmp_path, calib_samples=12), overwrite=True)
 
 
 def test_sweep_command(stories_dir, files, tmp_path, capsys):

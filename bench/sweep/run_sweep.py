@@ -4,7 +4,8 @@ Each preset is one `subfit sweep` command (printed before it runs; `--print` pri
 flags win).
 Results go to bench/results/sweep_<preset>.{json,md} and _quality.png/_layers.png; plans,
 statistics and evaluations are cached under plans/sweep_<preset>/ (git-ignored), so running the
-same preset again after an interruption resumes where it stopped.
+same preset again after an interruption resumes where it stopped. Results that exist are
+replaced only with `--overwrite`.
 
 stories260k: calibrate on the first half of tinystories_validation_head.txt, perplexity on the
     second half (split at a document boundary), window 512 (the model's context).

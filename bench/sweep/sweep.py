@@ -18,10 +18,10 @@ from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
 from sweep_cache import cached_evaluation, check_manifest, file_id, plan_digest, store_evaluation
-from sweep_report import level_tag, write_outputs
+from sweep_report import level_tag, output_paths, write_outputs
 from sweep_variants import DELETION_OF_SUBFIT, SECONDARY_TASKS, VARIANTS
 
-from subfit.argtypes import positive_int, sparsity
+from subfit.argtypes import BAD_INPUT, ArgumentParser, positive_int, refuse, sparsity
 from subfit.config import TEXT_CALIBRATION, DevOptions, SubFitConfig
 from subfit.files import write_json
 
@@ -90,32 +90,61 @@ class SweepConfig:
                 "limit": self.limit, "agreement": self.agreement, "files": {str(f): file_id(f) for f in files if f}}
 
 
-def run_sweep(config: SweepConfig) -> dict:
-    """Compress and evaluate every (method, level), reusing what the cache holds; write the
-    JSON, markdown and plots; return the results dict (also written to `<out>.json`)."""
-    import torch
-
-    from subfit import baselines, calibration, models
-    from subfit.baselines import DenseScores, compress_baseline
-    from subfit.models import Decoder
-    from subfit.plan import Plan
+def check_config(config: SweepConfig, *, overwrite: bool = False) -> None:
+    """Refuse a sweep that cannot finish as asked, before any work: unknown methods, bad levels or
+    settings, missing or unreadable input files, a device this machine lacks, a cache that is not
+    a folder, and outputs the overwrite rule forbids (existing ones need `overwrite`)."""
+    from subfit.calibration import SELF, read_text
+    from subfit.config import check_sparsity
+    from subfit.devices import check_device
+    from subfit.evaluation import check_inputs
+    from subfit.files import check_output
 
     unknown = [m for m in config.methods if m not in VARIANTS]
     if unknown:
         raise ValueError(f"Unknown methods {unknown}; choose from {', '.join(VARIANTS)}.")
     if config.metric not in ("acc", "acc_norm"):
         raise ValueError(f"metric={config.metric!r}: choose acc or acc_norm.")
-    for path in [config.ppl, *config.tasks]:
-        if path is not None and not Path(path).is_file():
-            raise FileNotFoundError(f"Evaluation file {path} does not exist.")
+    for level in config.levels:
+        check_sparsity(level)
+    for name in config.methods:
+        if VARIANTS[name][0] == "subfit":
+            config.subfit_settings(VARIANTS[name][1])
+    if config.device is not None:
+        check_device(config.device)
     if config.ppl is None and not config.tasks:
         raise ValueError("Nothing to evaluate: give a perplexity text file and/or task files.")
+    check_inputs(ppl=config.ppl, tasks=config.tasks, limit=config.limit, window=config.window,
+                 max_tokens=config.max_tokens, batch_size=config.batch_size)
+    if config.calib not in (None, SELF) and not config.calib.startswith("hf:"):
+        read_text(config.calib, "Calibration file")
+    if Path(config.cache).exists() and not Path(config.cache).is_dir():
+        raise ValueError(f"--cache {config.cache} is a file; give a folder (it is made if missing).")
+    for path in output_paths(config.out, config.map_levels):
+        check_output(path, overwrite=overwrite)
 
+
+def run_sweep(config: SweepConfig, *, overwrite: bool = False) -> dict:
+    """Compress and evaluate every (method, level), reusing what the cache holds; write the
+    JSON, markdown and plots; return the results dict (also written to `<out>.json`). Existing
+    outputs are replaced only with `overwrite`; everything is checked before any work."""
+    import torch
+
+    from subfit import baselines, calibration, models
+    from subfit.baselines import DenseScores, compress_baseline
+    from subfit.evaluation import check_perplexity_window
+    from subfit.models import Decoder
+    from subfit.plan import Plan
+
+    check_config(config, overwrite=overwrite)
+    start_all = time.perf_counter()
+    model, tokenizer, source = models.load(config.model, device=config.device or "cpu")
+    limit = models.max_positions(model.config)
+    check_perplexity_window(config.window, None, limit)
+    models.check_positions(limit, config.calib_len, f"calib_len={config.calib_len} (--calib-len)")
     cache = Path(config.cache)
     (cache / "plans").mkdir(parents=True, exist_ok=True)
     (cache / "evals").mkdir(parents=True, exist_ok=True)
-    start_all = time.perf_counter()
-    model, tokenizer, source = models.load(config.model, device=config.device or "cpu")
     decoder = Decoder(model)
     key = config.plan_key(decoder.fingerprint())
     check_manifest(cache, key)
@@ -309,7 +338,7 @@ def run_sweep(config: SweepConfig) -> dict:
         "total_seconds": time.perf_counter() - start_all,
         "torch_threads": torch.get_num_threads(),
     }
-    results["outputs"] = [str(p) for p in write_outputs(results, config.out, config.map_levels)]
+    results["outputs"] = [str(p) for p in write_outputs(results, config.out, config.map_levels, overwrite=overwrite)]
     return results
 
 
@@ -335,6 +364,10 @@ class _OnDevice:
 
     def logits_at(self, ids, index):
         return self.ref.logits_at(ids.to(self.device), index.to(self.device))
+
+    @property
+    def max_positions(self) -> int | None:
+        return self.ref.max_positions
 
 
 def _dense_metrics(report: dict) -> dict:
@@ -414,11 +447,12 @@ SWEEP_EXAMPLES = """examples:
       --limit 300 --window 1024 --max-tokens 16384 --cache plans/sweep_smollm2 --out bench/results/sweep_smollm2
   subfit sweep ./stories260K --calib part1.txt --ppl part2.txt --methods subfit shortgpt --levels 0.25 0.375 ...
 Interrupted? Run the same command again: cached plans and evaluations are reused.
+Existing results under --out are replaced only with --overwrite.
 """
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="subfit sweep", epilog=SWEEP_EXAMPLES,
+    p = ArgumentParser(prog="subfit sweep", epilog=SWEEP_EXAMPLES,
                                 description="Compress with every method at every sparsity level and compare quality.",
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("model", nargs="?", default=None, help="Hugging Face id, folder or .gguf (default: embedded SmolLM2)")
@@ -446,6 +480,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default=None, help="device for the model and walks (default cpu)")
     p.add_argument("--cache", required=True, help="cache folder: statistics, plans, evaluations (resumable)")
     p.add_argument("--out", required=True, help="results prefix: writes PREFIX.json, PREFIX.md, PREFIX_*.png")
+    p.add_argument("--overwrite", action="store_true", help="replace existing results under --out")
     p.add_argument("--title", default=None)
     p.add_argument("--progress", action="store_true", help="progress bars")
     return p
@@ -455,7 +490,7 @@ def _setting(text: str) -> tuple[str, object]:
     """`FIELD=VALUE` with VALUE as JSON where it parses (numbers, true/false), else a string."""
     name, sep, value = text.partition("=")
     if not sep:
-        raise SystemExit(f"error: --subfit takes FIELD=VALUE, got {text!r}")
+        raise ValueError(f"--subfit takes FIELD=VALUE; got {text!r}. Give e.g. selection_draws=1.")
     try:
         return name, json.loads(value)
     except json.JSONDecodeError:
@@ -474,12 +509,12 @@ def config_from_args(args) -> SweepConfig:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
     try:
-        results = run_sweep(config_from_args(args))
-    except (ValueError, FileNotFoundError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+        results = run_sweep(config_from_args(args), overwrite=args.overwrite)
+    except BAD_INPUT as e:
+        return refuse(parser.prog, e)
     _log(f"wrote {', '.join(results['outputs'])} ({results['total_seconds']:.0f} s)")
     print(Path(f"{args.out}.md").read_text())
     return 0

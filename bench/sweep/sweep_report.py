@@ -16,12 +16,19 @@ def level_tag(level: float) -> str:
     return f"{level:.4f}".rstrip("0").rstrip(".")
 
 
-def write_outputs(results: dict, out: str | os.PathLike, map_levels=(0.25,)) -> list[Path]:
+def output_paths(out: str | os.PathLike, map_levels=(0.25,)) -> list[Path]:
+    """Every file a sweep may write for `out`: a sweep checks them all under the overwrite rule
+    (`subfit.files.check_output`) before it starts."""
+    return [Path(f"{out}.json"), Path(f"{out}.md"), Path(f"{out}_quality.png"),
+            *(map_path(out, level, i == 0) for i, level in enumerate(map_levels))]
+
+
+def write_outputs(results: dict, out: str | os.PathLike, map_levels=(0.25,), *, overwrite: bool = False) -> list[Path]:
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     paths = [Path(f"{out}.json"), Path(f"{out}.md")]
-    write_json(paths[0], results, overwrite=True, default=_json_default)  # a sweep re-renders its outputs
-    write_text(paths[1], markdown(results, map_levels), overwrite=True)
+    write_json(paths[0], results, overwrite=overwrite, default=_json_default)
+    write_text(paths[1], markdown(results, map_levels), overwrite=overwrite)
     paths += plot(results, out, map_levels)
     return paths
 

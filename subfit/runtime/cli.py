@@ -76,10 +76,11 @@ def run_generate(args) -> int:
         raise ValueError("--top-k/--top-p only apply when sampling: give --temperature > 0 as well.")
     _set_threads(args)
     runtime = load(args.target, args.device, args.dtype, args.base, max_seq_len=args.max_seq_len)
+    steps = runtime.stream(args.prompt, args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
+                           top_p=args.top_p, seed=args.seed)  # checks the prompt and arguments before any output
     start, count = time.perf_counter(), 0
     sys.stdout.write(args.prompt)
-    for step in runtime.stream(args.prompt, args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
-                               top_p=args.top_p, seed=args.seed):
+    for step in steps:
         sys.stdout.write(step.text[0])
         sys.stdout.flush()
         count += 1
@@ -94,23 +95,29 @@ def run_bench(args) -> int:
     import torch
 
     from subfit import models
+    from subfit.devices import check_device, default_device
     from subfit.plan import PLAN_FILE, Plan
     from subfit.runtime import Runtime
     from subfit.runtime.bench import (HFContender, RuntimeContender, compare, markdown_table, memory_bandwidth,
                                       synthetic_plan)
     from subfit.runtime.generate import parse_dtype
 
+    needed = args.prompt_len + args.new_tokens
+    max_seq_len = args.max_seq_len or needed
+    if needed > max_seq_len:
+        raise ValueError(f"--prompt-len + --new-tokens ({needed}) exceeds --max-seq-len {max_seq_len}; give "
+                         f"--max-seq-len {needed} or shorter lengths.")
     _set_threads(args)
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    device = check_device(args.device or default_device())
     dtype = parse_dtype(args.dtype, device)
     plan = Plan.load(args.target) if args.target and (Path(args.target) / PLAN_FILE).is_file() else None
     if plan is not None:
         hf_model, tokenizer, source = models.load_base(plan.base, args.base, dtype=dtype, device=device)
     else:
         hf_model, tokenizer, source = models.load(args.base or args.target, dtype=dtype, device=device)
-    max_seq_len = args.max_seq_len or args.prompt_len + args.new_tokens
-    if args.prompt_len + args.new_tokens > max_seq_len:
-        raise ValueError(f"--prompt-len + --new-tokens ({args.prompt_len + args.new_tokens}) exceeds --max-seq-len.")
+    models.check_positions(models.max_positions(hf_model.config), max_seq_len,
+                           f"--prompt-len + --new-tokens = {needed}" if max_seq_len == needed
+                           else f"--max-seq-len {max_seq_len}")
     ids = torch.randint(0, hf_model.config.vocab_size, (1, args.prompt_len), generator=torch.Generator().manual_seed(0))
 
     def runtime(p):

@@ -10,13 +10,14 @@ from __future__ import annotations
 import math
 import numbers
 import os
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 from subfit import models
+from subfit.devices import check_device, default_device
 from subfit.models import Decoder
 from subfit.plan import PLAN_FILE, Plan
 from subfit.runtime.model import Transformer
@@ -130,9 +131,13 @@ class Runtime:
         if cuda_graph and not (use_kernels and device.type == "cuda"):
             raise ValueError("cuda_graph=True needs a CUDA device and use_kernels=True (the PyTorch decode path "
                              "has data-dependent shapes).")
-        config = hf_model.config
+        limit = models.max_positions(hf_model.config)
         if max_seq_len is None:
-            max_seq_len = min(getattr(config, "max_position_embeddings", DEFAULT_MAX_SEQ_LEN), DEFAULT_MAX_SEQ_LEN)
+            max_seq_len = min(limit or DEFAULT_MAX_SEQ_LEN, DEFAULT_MAX_SEQ_LEN)
+        for name, value in (("max_seq_len", max_seq_len), ("batch_size", batch_size)):
+            if not _positive_int(value):
+                raise ValueError(f"{name}={value!r}: expected a positive integer.")
+        models.check_positions(limit, max_seq_len, f"max_seq_len={max_seq_len} (--max-seq-len)")
         model = Transformer(hf_model, plan, max_seq_len=max_seq_len, use_kernels=use_kernels)
         runtime = cls(model, tokenizer, plan, eos=_default_eos(hf_model, tokenizer), cuda_graph=cuda_graph)
         if batch_size != 1:
@@ -270,7 +275,7 @@ class Runtime:
         """Validate everything before any work: token lists, single-or-batch, EOS ids, RNG."""
         rows, single = self._encode(prompt)
         self._check(rows, max_new_tokens)
-        eos_ids = set(self.eos if eos is None else ([eos] if isinstance(eos, int) else eos))
+        eos_ids = set(self.eos if eos is None else _token_ids([eos] if _is_token(eos) else eos, "eos"))
         generator = None
         if seed is not None:
             generator = torch.Generator(device=self.device).manual_seed(seed)
@@ -331,7 +336,7 @@ class Runtime:
             if self.tokenizer is None:
                 raise ValueError("Text prompts need a tokenizer; pass token ids or load the runtime with one.")
             return [self.tokenizer(p).input_ids for p in prompt], single
-        return [[int(t) for t in p] for p in prompt], single
+        return [_token_ids(p, "prompt") for p in prompt], single
 
     def _text(self, prompt: list[int], new: list[int]) -> str:
         """Text of `new` as it reads after the prompt: decoded behind the prompt's last token so that
@@ -348,12 +353,28 @@ def _rows_of(ids, lengths: Sequence[int] | None = None) -> list[list[int]]:
     """[B, T] tensor (right-padded to `lengths`) or list of token lists -> list of token lists."""
     if isinstance(ids, torch.Tensor):
         ids = ids.tolist() if ids.dim() == 2 else [ids.tolist()]
-    rows = [list(map(int, r)) for r in ids]
+    rows = [_token_ids(r, "ids") for r in ids]
     if lengths is not None:
         if len(lengths) != len(rows):
             raise ValueError(f"{len(lengths)} lengths for {len(rows)} sequences.")
         rows = [r[: int(n)] for r, n in zip(rows, lengths)]
     return rows
+
+
+def _is_token(value) -> bool:
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+
+
+def _token_ids(values, what: str) -> list[int]:
+    """Token ids as ints; a float, bool or text among them is refused, never rounded or iterated."""
+    if isinstance(values, (str, bytes)) or not isinstance(values, Iterable):
+        raise ValueError(f"{what}={values!r:.60}: expected token ids (integers).")
+    values = list(values)
+    bad = [v for v in values if not _is_token(v)]
+    if bad:
+        raise ValueError(f"{what} holds {bad[0]!r}, which is not a token id: token ids are integers "
+                         "(tokenize text first, or pass it as a string).")
+    return [int(v) for v in values]
 
 
 def _default_eos(hf_model, tokenizer) -> list[int]:
@@ -409,9 +430,7 @@ def load(plan: Plan | str | os.PathLike | None, device: str | torch.device | Non
     id, .gguf file, or None for the default model) is loaded dense, i.e. with its empty plan.
     Defaults: CUDA if available (bfloat16, Triton kernels, CUDA graph), else CPU float32.
     """
-    if device is None:
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    device = torch.device(device)
+    device = check_device(default_device() if device is None else device)
     dtype = parse_dtype(dtype, device)
     if _is_plan(plan):
         plan = plan if isinstance(plan, Plan) else Plan.load(plan)
