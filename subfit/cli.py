@@ -96,8 +96,8 @@ def run_compress(args) -> int:
         from subfit import calibration
         from subfit.baselines import compress_baseline
 
-        calib_ids = calibration.load_calibration(args.calib, model, tokenizer,
-                                                 *config.calibration_size(args.calib is None), config.seed)
+        size = config.calibration_size(args.calib is None, models.max_positions(model.config))
+        calib_ids = calibration.load_calibration(args.calib, model, tokenizer, *size, config.seed)
         plan = compress_baseline(model, args.method, args.sparsity, calib_ids, source=source,
                                  calib_info=calibration.describe(args.calib, calib_ids, config.seed),
                                  device=config.device)

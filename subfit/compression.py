@@ -152,7 +152,8 @@ def _calibration(calib: Calibration, model, tokenizer, config: SubFitConfig) -> 
         raise ValueError("A tokenizer is needed to build calibration data from text; pass tokenizer= "
                          "or a token tensor as calib.")
     source = None if calib is None else str(calib)
-    ids = calibration.load_calibration(source, model, tokenizer, *config.calibration_size(source is None), config.seed)
+    size = config.calibration_size(source is None, models.max_positions(model.config))
+    ids = calibration.load_calibration(source, model, tokenizer, *size, config.seed)
     return ids, calibration.describe(source, ids, config.seed)
 
 

@@ -84,11 +84,11 @@ class SubFitConfig:
 
             check_device(self.device)
 
-    def calibration_size(self, sampled: bool) -> tuple[int, int]:
+    def calibration_size(self, sampled: bool, max_positions: int | None = None) -> tuple[int, int]:
         """(sequences, tokens per sequence) of calibration text from a file or dataset, or `sampled`
-        from the model."""
+        from the model; a default length never exceeds the model's `max_positions`."""
         samples, length = SAMPLED_CALIBRATION if sampled else TEXT_CALIBRATION
-        return self.calib_samples or samples, self.calib_len or length
+        return self.calib_samples or samples, self.calib_len or min(length, max_positions or length)
 
     def ranks(self, hidden_size: int) -> dict[str, int]:
         """Bypass ranks for a model of `hidden_size`: attention hidden/8 and FeedForward hidden/2 by
