@@ -4,9 +4,10 @@ plans, at each CPU thread count; and how closely the bf16 runtime follows the fl
 Run: `flock /tmp/subfit-cpu.lock pytest bench/decode --benchmark-only -s` (CPU thread counts:
 $BENCH_THREADS, default "1,2", all in one run). Two models: SmolLM2-135M-Instruct (the real
 default model) and a Llama-3.2-1B-shaped model with random weights (hidden 2048, 16 layers, 32/8
-heads, FFN 8192, vocab 128256). Speed depends on a plan's shape, not its weights, so the plans are
-`synthetic_plan`s: bypasses (attn rank hidden/8, ffn rank hidden/2, the compressor's defaults) on
-non-contiguous layers; the results file sets the 25% one beside a real SubFit plan's accounting.
+heads, FFN 8192, vocab 128256). Speed depends on a plan's shape, not its weights, so the plans
+have random bypass weights: for SmolLM2 the shapes (unit actions, ranks) of SubFit's default plans
+at each level, read from bench/results/draws3_<level>_smollm2.json; for the 1B-shaped model
+`synthetic_plan`s (bypasses on non-contiguous layers, alternating attention and feedforward).
 
 transformers runs in the dtype the runtime reads models in (float32 on CPU); the runtime rows run
 float32 and the default dtype (bf16 on CUDA and on a CPU with AMX or AVX512-BF16). Each case is one
@@ -32,7 +33,7 @@ from subfit.models import Decoder
 from subfit.plan import Plan
 from subfit.runtime import Runtime
 from subfit.runtime.bench import (HFContender, RuntimeContender, describe, dtype_name, environment, greedy_agreement,
-                                  markdown_table, memory_bandwidth, synchronize, synthetic_plan)
+                                  markdown_table, memory_bandwidth, shaped_plan, synchronize, synthetic_plan)
 from subfit.runtime.generate import parse_dtype, read_dtype
 
 ROOT = Path(__file__).resolve().parent
@@ -60,6 +61,10 @@ for _sparsity in (0.125, 0.25, 0.375):
 CASES = [(m, t, c) for m in SETTINGS for t in THREADS for c in CONTENDERS]
 ROWS: dict[str, dict[int, list[dict]]] = {}
 AGREEMENT: list[dict] = []
+OPS: dict[int, list[dict]] = {}
+PROFILED = [name for name, (kind, sparsity, _) in CONTENDERS.items() if kind == "eager" or kind == "runtime" and not sparsity]
+MATMUL_OPS = {"aten::linear", "aten::matmul", "aten::t", "aten::mm", "aten::addmm", "aten::mv", "aten::addmv",
+              "aten::addmv_"}
 
 
 def llama_1b_shape():
@@ -94,14 +99,32 @@ def base_model(name: str):
     return _loaded[name]
 
 
-def contender(name: str, model, source, max_seq_len: int):
+def contender(name: str, model_name: str, model, source, max_seq_len: int):
     kind, sparsity, dtype = CONTENDERS[name]
     if kind == "compiled":
         return HFContender(model, compiled=True, max_cache_len=max_seq_len)
     if kind == "eager":
         return HFContender(model)
-    plan = synthetic_plan(model, source, sparsity) if sparsity else Plan.empty(Decoder(model), source)
+    plan = plan_at(model_name, model, source, sparsity)
     return RuntimeContender(Runtime.from_hf(model, plan, max_seq_len=max_seq_len, dtype=dtype))
+
+
+def subfit_row(sparsity: float) -> dict | None:
+    """SubFit's default SmolLM2 plan at this level, as the quality sweep recorded it."""
+    path = RESULTS / f"draws3_{sparsity:g}_smollm2.json"
+    if not path.exists():
+        return None
+    return next(r for r in json.loads(path.read_text())["rows"] if r["method"] == "subfit")
+
+
+def plan_at(model_name: str, model, source, sparsity: float) -> Plan:
+    """The plan timed at `sparsity`: SubFit's default plan's shape for SmolLM2, else a synthetic one."""
+    if not sparsity:
+        return Plan.empty(Decoder(model), source)
+    row = subfit_row(sparsity) if model_name == "SmolLM2-135M" else None
+    if row is None:
+        return synthetic_plan(model, source, sparsity)
+    return shaped_plan(model, source, row["actions"]["attn"], row["actions"]["ffn"])
 
 
 _bandwidth: dict[int, float] = {}
@@ -119,7 +142,7 @@ def write_results():
     """After the last case: the tables for the whole run."""
     start_load = _load_average()
     yield
-    if not ROWS:
+    if not (ROWS or OPS or AGREEMENT):
         return
     env = environment(DEVICE)
     env.pop("threads", None)
@@ -130,8 +153,8 @@ def write_results():
     for model_name, by_threads in ROWS.items():
         prompt, new, rounds = SETTINGS[model_name]
         for threads, rows in by_threads.items():
-            eager = next(r for r in rows if r["contender"].startswith("transformers eager"))
-            dense = next(r for r in rows if r["contender"] == f"runtime dense ({dtype_name(HF_DTYPE)})")
+            eager = next((r for r in rows if r["contender"].startswith("transformers eager")), rows[0])
+            dense = next((r for r in rows if r["contender"] == f"runtime dense ({dtype_name(HF_DTYPE)})"), rows[0])
             for r in rows:
                 r["speedup"] = r["tokens_per_s"] / eager["tokens_per_s"]
                 r["vs_runtime_dense"] = r["tokens_per_s"] / dense["tokens_per_s"]
@@ -143,14 +166,14 @@ def write_results():
     lines += ["decode = time per generated token after prefill (greedy); MB/step = weight + KV bytes one decode step "
               "reads, as stored (bf16 weights, float32 norms, bypasses and residual stream); % roofline = those bytes "
               "/ decode time / copy bandwidth (read + write bytes of a large copy per second).", ""]
-    lines += _plan_note() + _agreement_lines()
+    lines += _ops_lines() + _plan_note() + _agreement_lines()
     lines += ["measured with `flock /tmp/subfit-cpu.lock pytest bench/decode --benchmark-only -s`"]
     RESULTS.mkdir(parents=True, exist_ok=True)
     (RESULTS / f"decode_{DEVICE.type}.md").write_text("\n".join(lines) + "\n")
     (RESULTS / f"decode_{DEVICE.type}.json").write_text(json.dumps(
         {"environment": env, "load_average": {"start": start_load, "end": _load_average()},
          "models": {m: {str(t): rows for t, rows in by.items()} for m, by in ROWS.items()},
-         "agreement": AGREEMENT}, indent=1))
+         "ops": {str(t): rows for t, rows in OPS.items()}, "agreement": AGREEMENT}, indent=1))
 
 
 def _load_average() -> str:
@@ -158,21 +181,36 @@ def _load_average() -> str:
 
 
 def _plan_note() -> list[str]:
-    """The synthetic 25% plan's shape beside a real SubFit 25% plan's (bench/results/draws3_0.25_smollm2.json)."""
-    real = RESULTS / "draws3_0.25_smollm2.json"
-    if "SmolLM2-135M" not in _loaded or not real.exists():
+    """The shapes behind the plan rows."""
+    if "SmolLM2-135M" not in _loaded:
         return []
     model, _, source = _loaded["SmolLM2-135M"]
-    acc = synthetic_plan(model, source, 0.25).accounting()
-    row = next(r for r in json.loads(real.read_text())["rows"] if r["method"] == "subfit")
-    return ["The synthetic 25% plan is a fair stand-in for a real one: decode cost depends on which units run and "
-            "their shapes, and both bypass units of the same two shapes in about the same numbers.", "",
-            "| SmolLM2-135M, 25% | attn bypasses | ffn bypasses | removed params | bypass params | KV reduction |",
-            "|---|---:|---:|---:|---:|---:|",
-            f"| synthetic (this benchmark) | {acc['removed_attn']} | {acc['removed_ffn']} | "
-            f"{acc['removed_params']:,} | {acc['bypass_params']:,} | {acc['kv_reduction']:.0%} |",
-            f"| SubFit (`{real.relative_to(ROOT.parents[1])}`) | {row['removed_attn']} | {row['removed_ffn']} | "
-            f"{row['removed_params']:,} | {row['bypass_params']:,} | {row['kv_reduction']:.0%} |", ""]
+    lines = ["SmolLM2 plan rows run the shapes of SubFit's default plans (`bench/results/draws3_<level>_smollm2.json`) "
+             "with random bypass weights:", "",
+             "| level | attn bypasses | ffn bypasses | removed params | bypass params | KV reduction |",
+             "|---|---:|---:|---:|---:|---:|"]
+    for kind, sparsity, _ in CONTENDERS.values():
+        if kind == "runtime" and sparsity:
+            acc = plan_at("SmolLM2-135M", model, source, sparsity).accounting()
+            lines.append(f"| {sparsity:.1%} | {acc['removed_attn']} | {acc['removed_ffn']} | {acc['removed_params']:,} | "
+                         f"{acc['bypass_params']:,} | {acc['kv_reduction']:.0%} |")
+    return lines + [""]
+
+
+def _ops_lines() -> list[str]:
+    if not OPS:
+        return []
+    lines = ["## Where a SmolLM2-135M decode step's time goes (torch.profiler, per token)", "",
+             "| threads | contender | profiled ms/token | matmul ms (calls) | attention ms | other ops ms (ops) | "
+             "outside ops ms |", "|---:|---|---:|---:|---:|---:|---:|"]
+    for threads, rows in OPS.items():
+        for r in rows:
+            lines.append(f"| {threads} | {r['contender']} | {r['ms']:.2f} | {r['matmul_ms']:.2f} ({r['matmul_calls']:.0f}) "
+                         f"| {r['attention_ms']:.2f} | {r['other_ms']:.2f} ({r['other_ops']:.0f}) | "
+                         f"{r['outside_ms']:.2f} |")
+    return lines + ["", "matmul = linear/mm/mv and their dispatch; other = norms, RoPE, cache writes, activations, "
+                        "residual adds, sampling; outside ops = Python between ops (wall time less the ops' CPU time; "
+                        "the profiler inflates both).", ""]
 
 
 def _agreement_lines() -> list[str]:
@@ -197,7 +235,7 @@ def test_decode(benchmark, model_name, threads, name):
     prompt, new, rounds = SETTINGS[model_name]
     ids = torch.randint(0, model.config.vocab_size, (1, prompt), generator=torch.Generator().manual_seed(0))
     copy_bandwidth = bandwidth(threads)
-    runner = contender(name, model, source, max_seq_len=prompt + new)
+    runner = contender(name, model_name, model, source, max_seq_len=prompt + new)
 
     def prefill():
         synchronize(DEVICE)
@@ -230,6 +268,8 @@ def test_decode(benchmark, model_name, threads, name):
 @pytest.mark.skipif(RUNTIME_DTYPE == torch.float32, reason="the runtime's default dtype here is float32")
 def test_default_dtype_follows_float32(benchmark):
     """Greedy tokens and logits of the default-dtype runtime against the float32 runtime (not timed)."""
+    if DEVICE.type == "cpu":
+        torch.set_num_threads(THREADS[0])
     model, tokenizer, source = base_model("SmolLM2-135M")
     if model.dtype != torch.float32:
         model, tokenizer, source = models.load(None, dtype=torch.float32, device=DEVICE)
@@ -243,3 +283,42 @@ def test_default_dtype_follows_float32(benchmark):
 
     results = benchmark.pedantic(measure, rounds=1, iterations=1)
     AGREEMENT.extend({"prompt": p, **r} for p, r in zip(prompts, results))
+
+
+@pytest.mark.parametrize("threads", THREADS, ids=[f"{t}t" for t in THREADS])
+def test_decode_ops(benchmark, threads):
+    """SmolLM2 decode steps under torch.profiler: time and op counts per token by kind of op (not
+    the speed figures: the profiler slows small ops)."""
+    from torch.profiler import profile
+
+    if threads:
+        torch.set_num_threads(threads)
+    model, _, source = base_model("SmolLM2-135M")
+    prompt, new, _ = SETTINGS["SmolLM2-135M"]
+    ids = torch.randint(0, model.config.vocab_size, (1, prompt), generator=torch.Generator().manual_seed(0))
+
+    def measure(name: str) -> dict:
+        runner = contender(name, "SmolLM2-135M", model, source, max_seq_len=prompt + new)
+        token = runner.prefill(ids)
+        for _ in range(3):
+            token = runner.decode(token)
+        steps = new - 4
+        with profile() as prof:
+            start = time.perf_counter()
+            for _ in range(steps):
+                token = runner.decode(token)
+            wall = time.perf_counter() - start
+        row = {"contender": name, "ms": wall / steps * 1e3, "matmul_ms": 0.0, "attention_ms": 0.0, "other_ms": 0.0,
+               "matmul_calls": 0, "other_ops": 0}
+        for event in prof.events():
+            kind = ("matmul" if event.name in MATMUL_OPS or event.name.startswith("mkldnn::")
+                    else "attention" if "scaled_dot_product" in event.name else "other")
+            row[f"{kind}_ms"] += event.self_cpu_time_total / 1e3 / steps
+            if event.name in ("aten::mm", "aten::addmm", "aten::mv", "aten::addmv"):
+                row["matmul_calls"] += 1 / steps
+            elif kind == "other" and not event.cpu_children:
+                row["other_ops"] += 1 / steps
+        row["outside_ms"] = row["ms"] - row["matmul_ms"] - row["attention_ms"] - row["other_ms"]
+        return row
+
+    OPS[threads] = benchmark.pedantic(lambda: [measure(name) for name in PROFILED], rounds=1, iterations=1)

@@ -196,14 +196,10 @@ def synthetic_plan(hf_model, source, sparsity: float, *, attn_rank: int | None =
     """A plan of the right shape for speed measurements: bypasses with small random weights on
     non-contiguous layers, alternating attention and feedforward, until `sparsity` of the block
     parameters is removed (within half a unit). Default ranks: hidden/8 (attn) and hidden/2 (ffn)."""
-    dec = HFDecoder(hf_model)
-    plan = Plan.empty(dec, source)
+    plan = Plan.empty(HFDecoder(hf_model), source)
     if sparsity <= 0:
         return plan
-    hidden, n = dec.hidden_size, dec.num_layers
-    attn_rank, ffn_rank = attn_rank or hidden // 8, ffn_rank or hidden // 2
-    gen = torch.Generator().manual_seed(seed)
-    order = _spread(n)
+    order = _spread(len(plan.attn))
     candidates = [(kind, layer) for pair in zip(order, order[::-1]) for kind, layer in zip(("attn", "ffn"), pair)]
     target = sparsity * plan.block_params
     removed = 0
@@ -212,6 +208,21 @@ def synthetic_plan(hf_model, source, sparsity: float, *, attn_rank: int | None =
         if plan.actions(kind)[layer] == "keep" and removed + cost <= target + plan.unit_params["attn"] / 2:
             plan.actions(kind)[layer] = "bypass"
             removed += cost
+    plan = shaped_plan(hf_model, source, plan.attn, plan.ffn, attn_rank=attn_rank, ffn_rank=ffn_rank, seed=seed)
+    plan.method = {"name": "synthetic", "sparsity": sparsity}
+    return plan
+
+
+def shaped_plan(hf_model, source, attn: list[str], ffn: list[str], *, attn_rank: int | None = None,
+                ffn_rank: int | None = None, seed: int = 0) -> Plan:
+    """A plan with these unit actions and small random bypass weights of these ranks (default
+    hidden/8 and hidden/2, the compressor's): a real plan's shape, which is all its speed depends on."""
+    dec = HFDecoder(hf_model)
+    plan = Plan.empty(dec, source)
+    plan.attn, plan.ffn = list(attn), list(ffn)
+    hidden = dec.hidden_size
+    attn_rank, ffn_rank = attn_rank or hidden // 8, ffn_rank or hidden // 2
+    gen = torch.Generator().manual_seed(seed)
     scale = 0.02
     tensors = {}
     if "bypass" in plan.ffn:
@@ -225,7 +236,7 @@ def synthetic_plan(hf_model, source, sparsity: float, *, attn_rank: int | None =
                 tensors[f"{kind}.{layer}.up"] = torch.randn(rank, hidden, generator=gen) * scale
                 tensors[f"{kind}.{layer}.bias"] = torch.randn(hidden, generator=gen) * scale
     plan.tensors = tensors
-    plan.method = {"name": "synthetic", "sparsity": sparsity}
+    plan.method = {"name": "shaped", "attn": plan.attn, "ffn": plan.ffn}
     plan.validate()
     return plan
 

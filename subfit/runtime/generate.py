@@ -86,9 +86,8 @@ class Runtime:
                 batch_size: int = 1, use_kernels: bool | None = None, cuda_graph: bool | None = None,
                 dtype: torch.dtype | str | None = None) -> "Runtime":
         """Build from a loaded Hugging Face model, after checking that `plan` is valid and was made for
-        it. `dtype` (default: the model's) is the weights' and the KV cache's. Fused projections and
-        weights cast to `dtype` are copies (CPU bf16 ones packed for oneDNN); the other weights are
-        shared with `hf_model`."""
+        it. `dtype` (default: the model's) is the matmul weights' and the KV cache's. Fused projections
+        and weights cast to `dtype` are copies; the other weights are shared with `hf_model`."""
         if plan is not None:
             plan.validate()
             plan.check_base(Decoder(hf_model))
