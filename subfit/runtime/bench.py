@@ -8,6 +8,7 @@ may use `synthetic_plan` (random bypass weights at a target sparsity) when no re
 from __future__ import annotations
 
 import inspect
+import platform
 import statistics
 import time
 from dataclasses import dataclass
@@ -40,8 +41,7 @@ class RuntimeContender:
         return self.runtime.kv_cache_bytes() // (self.runtime.batch_size * self.runtime.max_seq_len)
 
     def weight_bytes_per_token(self) -> int:
-        runtime = self.runtime
-        return weight_bytes_per_step(plan_block_params(runtime.plan), runtime.model.config, runtime.dtype.itemsize)
+        return self.runtime.model.decode_weight_bytes()
 
 
 class HFContender:
@@ -92,15 +92,60 @@ class HFContender:
 
 
 def weight_bytes_per_step(block_params: int, config, itemsize: int) -> int:
-    """Weight bytes one decode step reads: the transformer blocks' parameters that it runs (kept
-    units, norms, bypasses), the final norm and the LM head; the embedding adds only one row."""
+    """Weight bytes one decode step of a Hugging Face model reads: the transformer blocks'
+    parameters, the final norm and the LM head; the embedding adds only one row."""
     return (block_params + config.vocab_size * config.hidden_size + config.hidden_size) * itemsize
 
 
-def plan_block_params(plan: Plan) -> int:
-    """Block parameters a plan still runs: all, less the removed units, plus the bypasses."""
-    acc = plan.accounting()
-    return acc["block_params"] - acc["removed_params"] + acc["bypass_params"]
+def dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+def environment(device: torch.device) -> dict:
+    """What a decode figure depends on besides the code: library versions, threads, the processor
+    and (on CPU) its bf16 units."""
+    import transformers
+
+    from subfit.hardware import cpu_bf16_units
+
+    env = {"torch": torch.__version__, "transformers": transformers.__version__, "device": device.type}
+    if device.type == "cuda":
+        return env | {"processor": torch.cuda.get_device_name(device)}
+    caps = torch.cpu.get_capabilities() if hasattr(torch.cpu, "get_capabilities") else {}
+    return env | {"processor": caps.get("cpu_name") or platform.processor() or platform.machine(),
+                  "cores": caps.get("num_physical_cores"), "threads": torch.get_num_threads(),
+                  "bf16_units": cpu_bf16_units()}
+
+
+def describe(env: dict) -> str:
+    """`environment` as one line (the thread count only when `env` has one)."""
+    line = f"torch {env['torch']}, transformers {env['transformers']}, {env['processor']}"
+    if env["device"] == "cpu":
+        line += f" ({env['cores']} cores, bf16 units: {', '.join(env['bf16_units']) or 'none'})"
+        if "threads" in env:
+            line += f", {env['threads']} thread{'s' * (env['threads'] > 1)}"
+    return line
+
+
+def greedy_agreement(reference, other, prompt: list[int], new_tokens: int) -> dict:
+    """How closely runtime `other` follows runtime `reference` on one prompt: greedy tokens equal
+    before the first difference and, there, the reference's logit margin between its token and
+    `other`'s (a near tie explains a difference); then, with both fed the reference's tokens,
+    top-1 agreement and the relative error of the logits over all `new_tokens` positions."""
+    expected = reference.generate(prompt, new_tokens, eos=[]).ids
+    got = other.generate(prompt, new_tokens, eos=[]).ids
+    same = next((i for i, (a, b) in enumerate(zip(expected, got)) if a != b), min(len(expected), len(got)))
+
+    def logits_along(runtime) -> torch.Tensor:
+        logits = [runtime.prefill([prompt])[0]]
+        logits += [runtime.decode_step([token])[0] for token in expected[:-1]]
+        return torch.stack(logits)
+
+    ref, oth = logits_along(reference), logits_along(other)
+    margin = (ref[same, expected[same]] - ref[same, got[same]]).item() if same < new_tokens else None
+    return {"new_tokens": new_tokens, "same_prefix": same, "margin_at_difference": margin,
+            "top1": (ref.argmax(-1) == oth.argmax(-1)).float().mean().item(),
+            "relative_error": ((oth - ref).norm() / ref.norm()).item()}
 
 
 @dataclass
@@ -162,14 +207,10 @@ def synthetic_plan(hf_model, source, sparsity: float, *, attn_rank: int | None =
     """A plan of the right shape for speed measurements: bypasses with small random weights on
     non-contiguous layers, alternating attention and feedforward, until `sparsity` of the block
     parameters is removed (within half a unit). Default ranks: hidden/8 (attn) and hidden/2 (ffn)."""
-    dec = HFDecoder(hf_model)
-    plan = Plan.empty(dec, source)
+    plan = Plan.empty(HFDecoder(hf_model), source)
     if sparsity <= 0:
         return plan
-    hidden, n = dec.hidden_size, dec.num_layers
-    attn_rank, ffn_rank = attn_rank or hidden // 8, ffn_rank or hidden // 2
-    gen = torch.Generator().manual_seed(seed)
-    order = _spread(n)
+    order = _spread(len(plan.attn))
     candidates = [(kind, layer) for pair in zip(order, order[::-1]) for kind, layer in zip(("attn", "ffn"), pair)]
     target = sparsity * plan.block_params
     removed = 0
@@ -178,6 +219,21 @@ def synthetic_plan(hf_model, source, sparsity: float, *, attn_rank: int | None =
         if plan.actions(kind)[layer] == "keep" and removed + cost <= target + plan.unit_params["attn"] / 2:
             plan.actions(kind)[layer] = "bypass"
             removed += cost
+    plan = shaped_plan(hf_model, source, plan.attn, plan.ffn, attn_rank=attn_rank, ffn_rank=ffn_rank, seed=seed)
+    plan.method = {"name": "synthetic", "sparsity": sparsity}
+    return plan
+
+
+def shaped_plan(hf_model, source, attn: list[str], ffn: list[str], *, attn_rank: int | None = None,
+                ffn_rank: int | None = None, seed: int = 0) -> Plan:
+    """A plan with these unit actions and small random bypass weights of these ranks (default
+    hidden/8 and hidden/2, the compressor's): a real plan's shape, which is all its speed depends on."""
+    dec = HFDecoder(hf_model)
+    plan = Plan.empty(dec, source)
+    plan.attn, plan.ffn = list(attn), list(ffn)
+    hidden = dec.hidden_size
+    attn_rank, ffn_rank = attn_rank or hidden // 8, ffn_rank or hidden // 2
+    gen = torch.Generator().manual_seed(seed)
     scale = 0.02
     tensors = {}
     if "bypass" in plan.ffn:
@@ -191,7 +247,7 @@ def synthetic_plan(hf_model, source, sparsity: float, *, attn_rank: int | None =
                 tensors[f"{kind}.{layer}.up"] = torch.randn(rank, hidden, generator=gen) * scale
                 tensors[f"{kind}.{layer}.bias"] = torch.randn(hidden, generator=gen) * scale
     plan.tensors = tensors
-    plan.method = {"name": "synthetic", "sparsity": sparsity}
+    plan.method = {"name": "shaped", "attn": plan.attn, "ffn": plan.ffn}
     plan.validate()
     return plan
 
@@ -240,17 +296,17 @@ def compare(contenders: dict, ids: torch.Tensor, new_tokens: int, rounds: int, *
     return rows
 
 
-def markdown_table(rows: list[dict], baseline: str = "first row") -> str:
+def markdown_table(rows: list[dict], baseline: str = "first row", dense_name: str = "runtime dense") -> str:
     """Rows from `compare` (or alike) as a markdown table; `speedup` is relative to `baseline`, and
-    a `vs_runtime_dense` column is shown when the rows carry it."""
+    a `vs_runtime_dense` column (relative to `dense_name`) is shown when the rows carry it."""
     dense = all("vs_runtime_dense" in r for r in rows)
-    head = (f"| contender | prefill ms | decode ms/token | tokens/s | x {baseline} |" + (" x runtime dense |" if dense
-            else "") + " KV bytes/token | % roofline |")
+    head = (f"| contender | prefill ms | decode ms/token | tokens/s | x {baseline} |"
+            + (f" x {dense_name} |" if dense else "") + " KV bytes/token | MB/step | % roofline |")
     lines = [head, "|---|" + "---:|" * (head.count("|") - 2)]
     for r in rows:
         roof = f"{100 * r['roofline']:.0f}%" if r.get("roofline") is not None else "n/a"
         lines.append(f"| {r['contender']} | {r['prefill_ms']:.1f} | {r['decode_ms_per_token']:.2f} | "
                      f"{r['tokens_per_s']:.1f} | {r['speedup']:.2f} |" + (f" {r['vs_runtime_dense']:.2f} |" if dense
                                                                         else "")
-                     + f" {r['kv_bytes_per_token']:,} | {roof} |")
+                     + f" {r['kv_bytes_per_token']:,} | {r['bytes_read_per_step'] / 1e6:.0f} | {roof} |")
     return "\n".join(lines)

@@ -29,7 +29,9 @@ def _common(p: argparse.ArgumentParser) -> None:
                    help="plan directory, or a model (Hugging Face id, folder, .gguf) run dense; "
                         "default: the embedded SmolLM2-135M-Instruct")
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if available)")
-    p.add_argument("--dtype", choices=DTYPES, default=None, help="default: bfloat16 on CUDA, float32 on CPU")
+    p.add_argument("--dtype", choices=DTYPES, default=None,
+                   help="weights and KV cache (default: bfloat16 on CUDA and on a CPU with AMX or AVX512-BF16, "
+                        "else float32)")
     p.add_argument("--base", default=None, help="base model location, when the plan's has moved")
     p.add_argument("--max-seq-len", type=positive_int, default=None,
                    help="KV cache length per sequence (default: min(model's max positions, 2048))")
@@ -98,9 +100,9 @@ def run_bench(args) -> int:
     from subfit.devices import check_device, default_device
     from subfit.plan import PLAN_FILE, Plan
     from subfit.runtime import Runtime
-    from subfit.runtime.bench import (HFContender, RuntimeContender, compare, markdown_table, memory_bandwidth,
-                                      synthetic_plan)
-    from subfit.runtime.generate import parse_dtype
+    from subfit.runtime.bench import (HFContender, RuntimeContender, compare, describe, dtype_name, environment,
+                                      markdown_table, memory_bandwidth, synthetic_plan)
+    from subfit.runtime.generate import parse_dtype, read_dtype
 
     needed = args.prompt_len + args.new_tokens
     max_seq_len = args.max_seq_len or needed
@@ -112,25 +114,35 @@ def run_bench(args) -> int:
     dtype = parse_dtype(args.dtype, device)
     plan = Plan.load(args.target) if args.target and (Path(args.target) / PLAN_FILE).is_file() else None
     if plan is not None:
-        hf_model, tokenizer, source = models.load_base(plan.base, args.base, dtype=dtype, device=device)
+        hf_model, tokenizer, source = models.load_base(plan.base, args.base, dtype=read_dtype(dtype, device),
+                                                       device=device)
     else:
-        hf_model, tokenizer, source = models.load(args.base or args.target, dtype=dtype, device=device)
+        hf_model, tokenizer, source = models.load(args.base or args.target, dtype=read_dtype(dtype, device),
+                                                  device=device)
     models.check_positions(models.max_positions(hf_model.config), max_seq_len,
                            f"--prompt-len + --new-tokens = {needed}" if max_seq_len == needed
                            else f"--max-seq-len {max_seq_len}")
     ids = torch.randint(0, hf_model.config.vocab_size, (1, args.prompt_len), generator=torch.Generator().manual_seed(0))
 
-    def runtime(p):
-        return lambda: RuntimeContender(Runtime.from_hf(hf_model, p, tokenizer, max_seq_len=max_seq_len))
+    def runtime(p, runtime_dtype=dtype):
+        return lambda: RuntimeContender(Runtime.from_hf(hf_model, p, tokenizer, max_seq_len=max_seq_len,
+                                                        dtype=runtime_dtype))
 
-    contenders = {"transformers eager (dense)": lambda: HFContender(hf_model),
-                  "runtime dense": runtime(Plan.empty(models.Decoder(hf_model), source))}
+    # transformers runs in the dtype the model was read in (float32 on CPU); so does a first runtime row.
+    hf_dtype = hf_model.dtype
+    name = dtype_name(dtype)
+    dense = Plan.empty(models.Decoder(hf_model), source)
+    contenders = {f"transformers eager (dense, {dtype_name(hf_dtype)})": lambda: HFContender(hf_model)}
+    if dtype != hf_dtype:
+        contenders[f"runtime dense ({dtype_name(hf_dtype)})"] = runtime(dense, hf_dtype)
+    contenders[f"runtime dense ({name})"] = runtime(dense)
     if plan is not None:
-        contenders[f"runtime plan ({plan.accounting()['sparsity']:.1%})"] = runtime(plan)
+        contenders[f"runtime plan {plan.accounting()['sparsity']:.1%} ({name})"] = runtime(plan)
     for sparsity in args.synthetic:
-        contenders[f"runtime synthetic {sparsity:.1%}"] = runtime(synthetic_plan(hf_model, source, sparsity))
-    rows = compare(contenders, ids, args.new_tokens, args.rounds, bandwidth=memory_bandwidth(device))
-    print(f"{source.describe()} on {device} ({dtype}), batch 1, prompt {args.prompt_len}, "
-          f"{args.new_tokens} new tokens, median of {args.rounds}")
+        contenders[f"runtime synthetic {sparsity:.1%} ({name})"] = runtime(synthetic_plan(hf_model, source, sparsity))
+    bandwidth = memory_bandwidth(device)
+    rows = compare(contenders, ids, args.new_tokens, args.rounds, bandwidth=bandwidth)
+    print(f"{source.describe()} on {device}, batch 1, prompt {args.prompt_len}, {args.new_tokens} new tokens, "
+          f"median of {args.rounds}; {describe(environment(device))}; copy bandwidth {bandwidth / 1e9:.1f} GB/s")
     print(markdown_table(rows))
     return 0

@@ -20,7 +20,7 @@ from subfit import models
 from subfit.devices import check_device, default_device
 from subfit.models import Decoder
 from subfit.plan import PLAN_FILE, Plan
-from subfit.runtime.model import Transformer
+from subfit.runtime.model import Transformer, check_dtype, default_dtype
 
 Prompt = str | Sequence[str] | Sequence[int] | Sequence[Sequence[int]] | torch.Tensor
 DEFAULT_MAX_SEQ_LEN = 2048
@@ -106,7 +106,7 @@ class Runtime:
                  cuda_graph: bool = False):
         self.model, self.tokenizer, self.plan = model, tokenizer, plan
         self.device = model.embed_weight.device
-        self.dtype = model.embed_weight.dtype
+        self.dtype = model.dtype
         self.max_seq_len = model.max_seq_len
         self.eos = list(eos or [])
         self.cuda_graph = cuda_graph
@@ -116,10 +116,11 @@ class Runtime:
 
     @classmethod
     def from_hf(cls, hf_model, plan: Plan | None = None, tokenizer=None, *, max_seq_len: int | None = None,
-                batch_size: int = 1, use_kernels: bool | None = None, cuda_graph: bool | None = None) -> "Runtime":
+                batch_size: int = 1, use_kernels: bool | None = None, cuda_graph: bool | None = None,
+                dtype: torch.dtype | str | None = None) -> "Runtime":
         """Build from a loaded Hugging Face model, after checking that `plan` is valid and was made for
-        it. Fused projections are copies (on CPU all projections are, packed for oneDNN); the other
-        weights are shared with `hf_model`."""
+        it. `dtype` (default: the model's) is the matmul weights' and the KV cache's. Fused projections
+        and weights cast to `dtype` are copies; the other weights are shared with `hf_model`."""
         if plan is not None:
             plan.validate()
             plan.check_base(Decoder(hf_model))
@@ -138,7 +139,9 @@ class Runtime:
             if not _positive_int(value):
                 raise ValueError(f"{name}={value!r}: expected a positive integer.")
         models.check_positions(limit, max_seq_len, f"max_seq_len={max_seq_len} (--max-seq-len)")
-        model = Transformer(hf_model, plan, max_seq_len=max_seq_len, use_kernels=use_kernels)
+        if dtype is not None:
+            dtype = parse_dtype(dtype, device)
+        model = Transformer(hf_model, plan, max_seq_len=max_seq_len, use_kernels=use_kernels, dtype=dtype)
         runtime = cls(model, tokenizer, plan, eos=_default_eos(hf_model, tokenizer), cuda_graph=cuda_graph)
         if batch_size != 1:
             runtime._setup(batch_size)
@@ -390,16 +393,23 @@ def _default_eos(hf_model, tokenizer) -> list[int]:
 
 
 def parse_dtype(dtype: torch.dtype | str | None, device: torch.device) -> torch.dtype:
-    """A dtype or its name; None -> bfloat16 on CUDA, float32 elsewhere."""
+    """A dtype or its name, refused where the device cannot run it fast; None -> `default_dtype`."""
     if dtype is None:
-        return torch.bfloat16 if device.type == "cuda" else torch.float32
-    if isinstance(dtype, torch.dtype):
-        return dtype
+        return default_dtype(device)
     names = {"float32": torch.float32, "fp32": torch.float32, "float16": torch.float16, "fp16": torch.float16,
              "half": torch.float16, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}
-    if dtype not in names:
-        raise ValueError(f"Unknown dtype {dtype!r}; use one of {', '.join(names)}.")
-    return names[dtype]
+    if not isinstance(dtype, torch.dtype):
+        if dtype not in names:
+            raise ValueError(f"Unknown dtype {dtype!r}; use one of {', '.join(names)}.")
+        dtype = names[dtype]
+    check_dtype(dtype, device)
+    return dtype
+
+
+def read_dtype(dtype: torch.dtype, device: torch.device) -> torch.dtype:
+    """The dtype to read a model's weights in for a runtime of `dtype`: float32 on CPU, where the
+    runtime casts its matmul weights itself and keeps the norms in float32; `dtype` elsewhere."""
+    return torch.float32 if device.type == "cpu" else dtype
 
 
 def _is_plan(target) -> bool:
@@ -428,15 +438,17 @@ def load(plan: Plan | str | os.PathLike | None, device: str | torch.device | Non
     The base weights come from the path the plan names (`base=` overrides it for moved plans) and
     must match the plan's fingerprint. Anything that is not a plan directory (a model folder, hub
     id, .gguf file, or None for the default model) is loaded dense, i.e. with its empty plan.
-    Defaults: CUDA if available (bfloat16, Triton kernels, CUDA graph), else CPU float32.
+    Defaults: CUDA if available (bfloat16, Triton kernels, CUDA graph), else CPU with bfloat16
+    weights where the CPU has bf16 units and float32 elsewhere.
     """
     device = check_device(default_device() if device is None else device)
     dtype = parse_dtype(dtype, device)
     if _is_plan(plan):
         plan = plan if isinstance(plan, Plan) else Plan.load(plan)
-        hf_model, tokenizer, _ = models.load_base(plan.base, base, dtype=dtype, device=device)
+        hf_model, tokenizer, _ = models.load_base(plan.base, base, dtype=read_dtype(dtype, device), device=device)
     else:
-        hf_model, tokenizer, source = models.load(base if base is not None else plan, dtype=dtype, device=device)
+        hf_model, tokenizer, source = models.load(base if base is not None else plan, dtype=read_dtype(dtype, device),
+                                                  device=device)
         plan = Plan.empty(Decoder(hf_model), source)
     return Runtime.from_hf(hf_model, plan, tokenizer, max_seq_len=max_seq_len, batch_size=batch_size,
-                           use_kernels=use_kernels, cuda_graph=cuda_graph)
+                           use_kernels=use_kernels, cuda_graph=cuda_graph, dtype=dtype)

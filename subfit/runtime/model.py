@@ -8,6 +8,12 @@ no KV cache slot.
 The residual stream travels as `(x, residual)` with `hidden = x + residual` (`x` may be None):
 each unit adds the pending `x` into the residual inside its first fused op (residual add +
 RMSNorm, or the fused bypass) instead of in a separate pass, as the Triton kernels want.
+
+Two dtypes: `dtype` for the matmul weights, the activations between them and the KV cache, and
+`stream_dtype` for the residual stream, the norms and the bypasses. On the PyTorch path the stream
+is float32 whatever `dtype` is: a bf16 decode step streams half the weight bytes while the sums
+that carry the signal from layer to layer stay exact (the stream's tensors are under 1% of the
+bytes). The Triton kernels run everything in `dtype`.
 """
 from __future__ import annotations
 
@@ -15,6 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from subfit.hardware import fast_bf16
 from subfit.models import Decoder
 from subfit.plan import Plan
 from subfit.runtime.kv_cache import CompactKVCache, slot_map
@@ -23,51 +30,72 @@ from subfit.runtime.ops import KernelOps, Step, TorchOps, rms_norm
 Stream = tuple[torch.Tensor | None, torch.Tensor | None]
 
 
-class Dense(nn.Module):
-    """`y = x @ W.T + b` for one or several Hugging Face Linears that read the same input (q/k/v,
-    gate/up), fused into one matmul.
+def default_dtype(device: torch.device) -> torch.dtype:
+    """bfloat16 on CUDA and on a CPU with bf16 units (a decode step streams half the bytes), else float32."""
+    return torch.bfloat16 if device.type == "cuda" or fast_bf16(device) else torch.float32
 
-    On CPU in float32 the weight is pre-packed once for oneDNN (the blocked layout PyTorch's own
-    CPU compiler uses): a one-row product, i.e. every decode matmul, then streams it ~2x faster
-    than nn.Linear on the 2-core CPU this was measured on. Elsewhere it stays a [out, in] tensor
-    for F.linear, shared with the Hugging Face module when there is nothing to fuse.
+
+def check_dtype(dtype: torch.dtype, device: torch.device) -> None:
+    """Refuse bf16 on a CPU without bf16 units rather than run it emulated."""
+    if device.type == "cpu" and dtype == torch.bfloat16 and not fast_bf16(device):
+        raise ValueError("bfloat16 decode on CPU needs AVX512-BF16 or AMX-BF16, which this CPU lacks; "
+                         "use dtype float32 (--dtype float32).")
+
+
+class Dense(nn.Module):
+    """`y = x @ W.T + b` with `W` [out, in] stored once, in its own dtype; the input is cast to it
+    and the output stays in it.
+
+    On CPU a one-row input, i.e. every batch-1 decode matmul, goes to `torch.mv`: PyTorch's GEMV
+    (MKL for float32, a vectorised bf16 kernel accumulating in float32 for bfloat16) streams the
+    weight at memory speed for ~1 us of call overhead. The matmul path (`F.linear`, oneDNN for
+    bf16) costs 15-20 us per call there, and more with the caches cold between layers, which made
+    a bf16 decode step a quarter slower.
     """
 
-    def __init__(self, *linears: nn.Linear):
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None = None):
         super().__init__()
+        self.weight, self.bias = weight, bias
+        self.dtype = weight.dtype
+        self.gemv = weight.device.type == "cpu"
+
+    @classmethod
+    def fuse(cls, *linears: nn.Linear, dtype: torch.dtype | None = None) -> "Dense":
+        """One Dense for Hugging Face Linears that read the same input (q/k/v, gate/up), in `dtype`
+        (default: theirs). The weight is shared with the Linear when there is nothing to fuse or cast."""
         weights = [lin.weight.detach() for lin in linears]
-        weight = weights[0] if len(weights) == 1 else torch.cat(weights)
-        self.bias = None
+        weight = (weights[0] if len(weights) == 1 else torch.cat(weights)).to(dtype or weights[0].dtype)
+        bias = None
         if any(lin.bias is not None for lin in linears):
-            self.bias = torch.cat([lin.bias.detach() if lin.bias is not None else weight.new_zeros(lin.out_features)
-                                   for lin in linears])
-        self.packed = (weight.device.type == "cpu" and weight.dtype == torch.float32
-                       and torch.backends.mkldnn.is_available())
-        self.weight = torch.ops.mkldnn._reorder_linear_weight(weight, 1) if self.packed else weight
+            bias = torch.cat([lin.bias.detach() if lin.bias is not None else weight.new_zeros(lin.out_features)
+                              for lin in linears]).to(weight.dtype)
+        return cls(weight, bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.packed:
-            return torch.ops.mkldnn._linear_pointwise(x, self.weight, self.bias, "none", [], "")
+        x = x.to(self.dtype)
+        if self.gemv and x.numel() == x.shape[-1]:
+            row = x.view(-1)
+            y = torch.mv(self.weight, row) if self.bias is None else torch.addmv(self.bias, self.weight, row)
+            return y.view(*x.shape[:-1], -1)
         return F.linear(x, self.weight, self.bias)
 
 
 class Attention(nn.Module):
     """Pre-norm grouped-query attention writing its K/V into its slot of the compact cache."""
 
-    def __init__(self, hf_block: nn.Module, config, ops):
+    def __init__(self, hf_block: nn.Module, config, ops, dtype: torch.dtype, stream_dtype: torch.dtype):
         super().__init__()
         attn = hf_block.self_attn
         self.ops = ops
-        self.norm_weight = hf_block.input_layernorm.weight
-        self.eps = hf_block.input_layernorm.variance_epsilon
+        self.norm_weight, self.eps = norm_of(hf_block.input_layernorm, stream_dtype)
         self.n_head = config.num_attention_heads
         self.n_kv = config.num_key_value_heads
         self.head_dim = getattr(config, "head_dim", None) or config.hidden_size // self.n_head
-        self.wqkv = Dense(attn.q_proj, attn.k_proj, attn.v_proj)  # Qwen2's biases come along
-        self.wo = Dense(attn.o_proj)
-        # Qwen3 normalises each head of q and k before RoPE.
-        self.q_norm = attn.q_norm if hasattr(attn, "q_norm") else None
-        self.k_norm = attn.k_norm if hasattr(attn, "k_norm") else None
+        self.wqkv = Dense.fuse(attn.q_proj, attn.k_proj, attn.v_proj, dtype=dtype)  # Qwen2's biases come along
+        self.wo = Dense.fuse(attn.o_proj, dtype=dtype)
+        # Qwen3 normalises each head of q and k before RoPE (on the activations, hence in `dtype`).
+        self.q_norm = norm_of(attn.q_norm, dtype) if hasattr(attn, "q_norm") else None
+        self.k_norm = norm_of(attn.k_norm, dtype) if hasattr(attn, "k_norm") else None
         self.k_cache: torch.Tensor | None = None  # views of this layer's slot, bound by Transformer.setup_cache
         self.v_cache: torch.Tensor | None = None
 
@@ -77,8 +105,8 @@ class Attention(nn.Module):
         qkv = self.wqkv(normed).view(b, t, self.n_head + 2 * self.n_kv, self.head_dim)
         qk, v = qkv[:, :, : self.n_head + self.n_kv], qkv[:, :, self.n_head + self.n_kv:]
         if self.q_norm is not None:
-            qk = torch.cat((rms_norm(qk[:, :, : self.n_head], self.q_norm.weight, self.q_norm.variance_epsilon),
-                            rms_norm(qk[:, :, self.n_head:], self.k_norm.weight, self.k_norm.variance_epsilon)), 2)
+            qk = torch.cat((rms_norm(qk[:, :, : self.n_head], *self.q_norm),
+                            rms_norm(qk[:, :, self.n_head:], *self.k_norm)), 2)
         q, k = self.ops.rope_and_cache(qk, self.n_head, v, step, self.k_cache, self.v_cache)
         if step.prefill:  # the prompt attends to itself only (prefill starts at position 0)
             y = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
@@ -91,14 +119,13 @@ class Attention(nn.Module):
 class FeedForward(nn.Module):
     """Pre-norm SwiGLU MLP with gate and up fused into one matmul."""
 
-    def __init__(self, hf_block: nn.Module, ops):
+    def __init__(self, hf_block: nn.Module, ops, dtype: torch.dtype, stream_dtype: torch.dtype):
         super().__init__()
         mlp = hf_block.mlp
         self.ops = ops
-        self.norm_weight = hf_block.post_attention_layernorm.weight
-        self.eps = hf_block.post_attention_layernorm.variance_epsilon
-        self.w13 = Dense(mlp.gate_proj, mlp.up_proj)
-        self.w2 = Dense(mlp.down_proj)
+        self.norm_weight, self.eps = norm_of(hf_block.post_attention_layernorm, stream_dtype)
+        self.w13 = Dense.fuse(mlp.gate_proj, mlp.up_proj, dtype=dtype)
+        self.w2 = Dense.fuse(mlp.down_proj, dtype=dtype)
 
     def forward(self, x, residual, step: Step) -> Stream:
         normed, h = self.ops.add_rms_norm(x, residual, self.norm_weight, self.eps)
@@ -108,16 +135,22 @@ class FeedForward(nn.Module):
 
 class Bypass(nn.Module):
     """A removed unit's stand-in, `h + (norm(h) @ down) @ up + bias`, as one fused op. It consumes
-    the pending `x`, so the stream leaves it fully summed."""
+    the pending `x`, so the stream leaves it fully summed. Its weights are in the stream dtype: it
+    reads and writes the stream, and its hidden x rank matrices are ~2% of a plan's bytes."""
 
     def __init__(self, norm: nn.Module, down: torch.Tensor, up: torch.Tensor, bias: torch.Tensor, ops):
         super().__init__()
         self.ops = ops
-        self.norm_weight, self.eps = norm.weight, norm.variance_epsilon
+        self.norm_weight, self.eps = norm_of(norm, down.dtype)
         self.down, self.up, self.bias = down, up, bias  # `down` is shared by all FFN bypasses
 
     def forward(self, x, residual, step: Step) -> Stream:
         return None, self.ops.bypass(x, residual, self.norm_weight, self.eps, self.down, self.up, self.bias)
+
+
+def norm_of(norm: nn.Module, dtype: torch.dtype) -> tuple[torch.Tensor, float]:
+    """An RMSNorm's (weight in `dtype`, eps); the weight is shared with the module when no cast is needed."""
+    return norm.weight.detach().to(dtype), norm.variance_epsilon
 
 
 class Block(nn.Module):
@@ -135,13 +168,20 @@ class Block(nn.Module):
 
 
 class Transformer(nn.Module):
-    """`forward(ids, step)` -> final normed hidden states; `logits(hidden)` -> float32 logits."""
+    """`forward(ids, step)` -> final normed hidden states; `logits(hidden)` -> float32 logits.
 
-    def __init__(self, hf_model: nn.Module, plan: Plan | None, *, max_seq_len: int, use_kernels: bool):
+    `dtype` (default: the model's) is the matmul weights' and the KV cache's dtype."""
+
+    def __init__(self, hf_model: nn.Module, plan: Plan | None, *, max_seq_len: int, use_kernels: bool,
+                 dtype: torch.dtype | None = None):
         super().__init__()
         dec = Decoder(hf_model)
         config = dec.config
         check_supported(config, max_seq_len)
+        weight = dec.body.embed_tokens.weight
+        self.dtype = dtype or weight.dtype
+        check_dtype(self.dtype, weight.device)
+        self.stream_dtype = self.dtype if use_kernels else torch.float32
         attn_actions = plan.attn if plan is not None else ["keep"] * dec.num_layers
         ffn_actions = plan.ffn if plan is not None else ["keep"] * dec.num_layers
         self.ops = KernelOps() if use_kernels else TorchOps()
@@ -150,9 +190,9 @@ class Transformer(nn.Module):
         self.n_kv = config.num_key_value_heads
         self.head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
         self.slots = slot_map(attn_actions)
-        weight = dec.body.embed_tokens.weight
-        # Bypass weights in the model's dtype; "ffn.basis" stays one tensor, shared by every FFN bypass.
-        tensors = {k: v.to(weight.device, weight.dtype) for k, v in (plan.tensors if plan is not None else {}).items()}
+        # Bypass weights in the stream dtype; "ffn.basis" stays one tensor, shared by every FFN bypass.
+        tensors = {k: v.to(weight.device, self.stream_dtype)
+                   for k, v in (plan.tensors if plan is not None else {}).items()}
 
         def unit(kind: str, i: int, action: str) -> nn.Module | None:
             block = dec.layers[i]
@@ -161,14 +201,18 @@ class Transformer(nn.Module):
             if action == "bypass":
                 down = tensors[f"attn.{i}.down"] if kind == "attn" else tensors["ffn.basis"]
                 return Bypass(dec.norm(kind, i), down, tensors[f"{kind}.{i}.up"], tensors[f"{kind}.{i}.bias"], self.ops)
-            return Attention(block, config, self.ops) if kind == "attn" else FeedForward(block, self.ops)
+            if kind == "attn":
+                return Attention(block, config, self.ops, self.dtype, self.stream_dtype)
+            return FeedForward(block, self.ops, self.dtype, self.stream_dtype)
 
         self.layers = nn.ModuleList(
             Block(unit("attn", i, attn_actions[i]), unit("ffn", i, ffn_actions[i])) for i in range(dec.num_layers)
         )
-        self.embed_weight = weight
-        self.norm_weight, self.norm_eps = dec.body.norm.weight, dec.body.norm.variance_epsilon
-        self.lm_head = Dense(hf_model.lm_head)  # packed on CPU: a copy even when tied to the embedding
+        self.embed_weight = weight.detach().to(self.dtype)
+        self.norm_weight, self.norm_eps = norm_of(dec.body.norm, self.stream_dtype)
+        head = hf_model.lm_head
+        tied = head.weight.data_ptr() == weight.data_ptr() and head.bias is None
+        self.lm_head = Dense(self.embed_weight) if tied else Dense.fuse(head, dtype=self.dtype)
         # RoPE tables from the model's own rotary module, so llama3/yarn/... scaling is honoured.
         positions = torch.arange(max_seq_len, device=weight.device)[None]
         cos, sin = dec.rotary(torch.zeros(1, device=weight.device, dtype=torch.float32), positions)
@@ -179,7 +223,7 @@ class Transformer(nn.Module):
     def setup_cache(self, batch_size: int) -> CompactKVCache:
         """Allocate the static compact cache for `batch_size` sequences and bind each attention to its slot."""
         self.cache = CompactKVCache(self.slots, batch_size, self.n_kv, self.max_seq_len, self.head_dim,
-                                    dtype=self.embed_weight.dtype, device=self.embed_weight.device)
+                                    dtype=self.dtype, device=self.embed_weight.device)
         for i, block in enumerate(self.layers):
             if isinstance(block.attn, Attention):
                 block.attn.k_cache, block.attn.v_cache = self.cache.layer(i)
@@ -190,14 +234,25 @@ class Transformer(nn.Module):
         return Step(positions, seq_lens, self.cos, self.sin, prefill, kv_len, mask)
 
     def forward(self, ids: torch.Tensor, step: Step) -> torch.Tensor:
-        x, residual = None, F.embedding(ids, self.embed_weight)
-        step = self.ops.prepare(step, residual.dtype)
+        x, residual = None, F.embedding(ids, self.embed_weight).to(self.stream_dtype)
+        step = self.ops.prepare(step, self.dtype)
         for block in self.layers:
             x, residual = block(x, residual, step)
         return self.ops.add_rms_norm(x, residual, self.norm_weight, self.norm_eps)[0]
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         return self.lm_head(hidden).float()
+
+    def decode_weight_bytes(self) -> int:
+        """Weight bytes one decode step reads, as stored (each tensor once): the matmul weights, norms
+        and bypasses of the units it runs, the final norm, the LM head and one embedding row."""
+        tensors = {}
+        for module in self.modules():
+            for name, value in vars(module).items():
+                for t in value if isinstance(value, tuple) else (value,):
+                    if isinstance(t, torch.Tensor) and name not in ("k_cache", "v_cache", "embed_weight"):
+                        tensors[id(t)] = t
+        return sum(t.nbytes for t in tensors.values()) + self.embed_weight[0].nbytes
 
 
 def sliding_window(config) -> int | None:

@@ -30,8 +30,8 @@ class Step:
     kv_len: int = 0
     mask: torch.Tensor | None = None  # [B, 1, 1, kv_len] bool, only for ragged batches
     # Filled once per forward by TorchOps.prepare, shared by every layer:
-    cos_at: torch.Tensor | None = None  # [B, T, 1, D/2] in the model dtype: cos at `positions`
-    sin_at: torch.Tensor | None = None
+    cos_at: torch.Tensor | None = None  # [B, T, 1, D] in the activation dtype: [cos, cos] at `positions`
+    sin_at: torch.Tensor | None = None  # [-sin, sin]
     batch_index: torch.Tensor | None = None  # [B, 1]
 
 
@@ -42,9 +42,11 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
 
 
 def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """RoPE with Hugging Face's rotate_half convention; cos/sin broadcast over heads."""
-    x1, x2 = x.chunk(2, dim=-1)
-    return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1)
+    """RoPE with Hugging Face's rotate_half convention, `x * cos + rotate_half(x) * sin`, from the
+    full-width tables `cos` = [cos, cos] and `sin` = [-sin, sin] (broadcast over heads): the halves
+    swapped by a flip, so three ops rather than seven."""
+    swapped = x.unflatten(-1, (2, -1)).flip(-2).flatten(-2)
+    return torch.addcmul(x * cos, swapped, sin)
 
 
 class TorchOps:
@@ -55,8 +57,8 @@ class TorchOps:
 
     def prepare(self, step: Step, dtype: torch.dtype) -> Step:
         """Per-forward work that every layer would otherwise repeat: RoPE rows and a batch index."""
-        return replace(step, cos_at=step.cos[step.positions].unsqueeze(2).to(dtype),
-                       sin_at=step.sin[step.positions].unsqueeze(2).to(dtype),
+        cos, sin = step.cos[step.positions].unsqueeze(2), step.sin[step.positions].unsqueeze(2)
+        return replace(step, cos_at=torch.cat((cos, cos), -1).to(dtype), sin_at=torch.cat((-sin, sin), -1).to(dtype),
                        batch_index=torch.arange(step.positions.shape[0], device=step.positions.device)[:, None])
 
     def add_rms_norm(self, x, residual, weight, eps):

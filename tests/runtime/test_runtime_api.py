@@ -18,7 +18,7 @@ def test_load_plan_directory_and_moved_base(stories, stories_dir, plan_of, tmp_p
     model, _, source = stories
     plan = plan_of(model, source, "p25")
     plan.save(tmp_path / "plan")
-    runtime = load(tmp_path / "plan", device="cpu")
+    runtime = load(tmp_path / "plan", device="cpu", dtype="float32")
     expected = ReferenceModel(model, plan).greedy(torch.tensor([[1, 9, 33]]), 12)[0].tolist()
     assert runtime.generate([1, 9, 33], 12, eos=[]).ids == expected
     assert runtime.dtype == torch.float32 and runtime.kv_cache_bytes() > 0
@@ -28,7 +28,8 @@ def test_load_plan_directory_and_moved_base(stories, stories_dir, plan_of, tmp_p
     plan.save(tmp_path / "plan-moved")
     with pytest.raises(FileNotFoundError, match="not there any more"):
         load(tmp_path / "plan-moved")
-    assert load(tmp_path / "plan-moved", base=moved, device="cpu").generate([1, 9, 33], 12, eos=[]).ids == expected
+    moved_runtime = load(tmp_path / "plan-moved", base=moved, device="cpu", dtype="float32")
+    assert moved_runtime.generate([1, 9, 33], 12, eos=[]).ids == expected
 
 
 def test_load_model_means_empty_plan(stories_dir, stories):

@@ -3,10 +3,12 @@ import argparse
 
 import pytest
 import torch
+import transformers
 
 from subfit.reference import ReferenceModel
 from subfit.runtime.bench import HFContender
 from subfit.runtime.cli import add_commands
+from subfit.hardware import cpu_bf16_units
 
 
 def parser() -> argparse.ArgumentParser:
@@ -67,8 +69,12 @@ def test_bench_prints_a_table(stories_dir, stories, plan_of, tmp_path, capsys):
                                 "--new-tokens", "4", "--rounds", "1", "--synthetic", "0.25", "--device", "cpu"])
     assert args.run(args) == 0
     out = capsys.readouterr().out
-    for row in ("transformers eager (dense)", "runtime dense", "runtime plan (39.9%)", "runtime synthetic 25.0%"):
-        assert row in out
+    default = "bfloat16" if cpu_bf16_units() else "float32"
+    rows = ["transformers eager (dense, float32)", "runtime dense (float32)", f"runtime dense ({default})",
+            f"runtime plan 39.9% ({default})", f"runtime synthetic 25.0% ({default})"]
+    assert [line.split(" | ")[0].lstrip("| ") for line in out.splitlines()[3:]] == list(dict.fromkeys(rows))
+    header = out.splitlines()[0]  # what the figures depend on, beside them
+    assert f"torch {torch.__version__}, transformers {transformers.__version__}" in header and "bf16 units" in header
 
 
 def test_transformers_row_decodes_with_its_cache(stories):
