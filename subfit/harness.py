@@ -147,9 +147,10 @@ def build_executor(kind: str, hf_model, plan: Plan | None, tokenizer, max_length
 
 def load_base(plan: Plan | None, base: str | None, device: str | None, dtype: str | None):
     """(hf_model, tokenizer) of the plan's base model (or of `base`, dense), on `device`
-    (default CUDA if available) in `dtype` (default bfloat16 on CUDA, float32 elsewhere)."""
+    (default CUDA if available) in `dtype` (default bfloat16 on CUDA, float32 elsewhere: the
+    reference executor computes in the weights' dtype, and a CPU's lm-eval `hf` runs float32)."""
     device = check_device(device or default_device())
-    dtype = parse_dtype(dtype, device)
+    dtype = parse_dtype(dtype, device) if dtype is not None else torch.bfloat16 if device.type == "cuda" else torch.float32
     if plan is not None:
         hf_model, tokenizer, _ = models.load_base(plan.base, base, dtype=dtype, device=device)
     else:
