@@ -25,10 +25,9 @@ COMPRESS_EXAMPLES = """examples:
 """
 EVAL_EXAMPLES = """examples:
   subfit eval plans/smollm2-25 --ppl wiki.test.raw --window 1024 --max-tokens 16384
-  subfit eval plans/smollm2-25 --tasks piqa.jsonl arc_easy.jsonl --limit 300 --json report.json
+  subfit eval plans/smollm2-25 --tasks piqa arc_easy --limit 300 --json report.json   # lm-eval tasks
+  subfit eval plans/smollm2-25 --tasks piqa_local --include-path bench/tasks  # offline: local task files
   subfit eval HuggingFaceTB/SmolLM2-135M --ppl wiki.test.raw                # a dense model alone
-  subfit eval plans/smollm2-25 --lm-eval piqa arc_easy --limit 300           # lm-evaluation-harness tasks
-  subfit eval plans/smollm2-25 --lm-eval piqa_local --include-path bench/tasks  # offline: local task files
 """
 
 
@@ -122,7 +121,7 @@ def run_compress(args) -> int:
 
 
 def add_eval(sub) -> None:
-    p = sub.add_parser("eval", help="perplexity, multiple-choice accuracy and agreement with the dense model",
+    p = sub.add_parser("eval", help="perplexity and agreement with the dense model; lm-evaluation-harness tasks",
                        epilog=EVAL_EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("target", nargs="?", default=None,
                    help="plan directory, or a model (id/folder/.gguf; default the embedded SmolLM2)")
@@ -131,71 +130,76 @@ def add_eval(sub) -> None:
                    help="perplexity window in tokens (default 1024, or the model's positions if fewer)")
     p.add_argument("--stride", type=positive_int, default=None, help="perplexity stride (default: the window)")
     p.add_argument("--max-tokens", type=positive_int, default=None, help="score only the first N tokens of --ppl")
-    p.add_argument("--tasks", nargs="*", default=[], help="multiple-choice task files (.jsonl)")
+    p.add_argument("--tasks", "--lm-eval", nargs="+", default=None, metavar="TASK",
+                   help="lm-evaluation-harness tasks (needs pip install -e \".[eval]\")")
+    p.add_argument("--include-path", default=None, help="folder of extra lm-eval task YAMLs, e.g. bench/tasks")
     p.add_argument("--limit", type=positive_int, default=None, help="first N examples of each task")
+    p.add_argument("--num-fewshot", type=int, default=None, help="few-shot examples per task (default: the task's)")
     p.add_argument("--batch-size", type=positive_int, default=16, help="sequences per forward (default 16)")
     p.add_argument("--base", default=None, help="base model location, when the plan's has moved")
     p.add_argument("--no-dense", action="store_true", help="for a plan: skip the dense model's column")
-    p.add_argument("--lm-eval", nargs="+", default=None, metavar="TASK",
-                   help="lm-evaluation-harness tasks instead of --ppl/--tasks (needs pip install -e \".[eval]\")")
-    p.add_argument("--include-path", default=None, help="folder of extra lm-eval task YAMLs, e.g. bench/tasks")
     p.add_argument("--json", default=None, help="write the report as JSON here")
     p.add_argument("--overwrite", action="store_true", help="replace an existing --json file")
     p.set_defaults(run=run_eval)
 
 
 def run_eval(args) -> int:
+    """Perplexity through `subfit.evaluation`, tasks through lm-eval (`subfit.harness`), both on one
+    loaded base model, dense and compressed columns side by side with paired differences."""
     from subfit import models
     from subfit.evaluation import check_inputs, evaluate
     from subfit.plan import Plan
     from subfit.reference import ReferenceModel
 
-    if args.lm_eval:
-        return run_lm_eval(args)
     # Everything is checked before the model loads (the window against its positions once it has).
     if args.ppl is None and not args.tasks:
-        raise ValueError("nothing to evaluate: give --ppl FILE and/or --tasks FILE..., or --lm-eval TASK...")
+        raise ValueError("nothing to evaluate: give --ppl FILE and/or --tasks TASK... (lm-eval task names)")
     if args.json:
         check_output(args.json, overwrite=args.overwrite)
-    settings = dict(ppl=args.ppl, tasks=args.tasks, limit=args.limit, window=args.window, stride=args.stride,
-                    max_tokens=args.max_tokens, batch_size=args.batch_size)
+    settings = dict(ppl=args.ppl, window=args.window, stride=args.stride, max_tokens=args.max_tokens)
     check_inputs(**settings)
+    if args.num_fewshot is not None and args.num_fewshot < 0:
+        raise ValueError(f"--num-fewshot {args.num_fewshot}: give 0 or more examples.")
+    task_index = None
+    if args.tasks:
+        try:
+            from subfit import harness
+        except ModuleNotFoundError as e:
+            raise ValueError(f"--tasks: {e}") from None
+        task_index = harness.task_manager(args.tasks, args.include_path)
     is_plan = args.target is not None and (Path(args.target) / "plan.json").exists()
-    if is_plan:
-        plan = Plan.load(args.target)
+    plan = Plan.load(args.target) if is_plan else None
+    if plan is not None:
         model, tokenizer, _ = models.load_base(plan.base, args.base)
-        columns = {"compressed": ReferenceModel(model, plan)}
-        if not args.no_dense:
-            columns = {"dense": ReferenceModel(model), **columns}
     else:
-        plan = None
         model, tokenizer, _ = models.load(args.target)
-        columns = {"dense": ReferenceModel(model)}
-    dense = columns.get("dense") if plan is not None else None
-    report = {"target": args.target or "default", "columns": {}}
+    columns = {"dense": None} if plan is None or not args.no_dense else {}
+    if plan is not None:
+        columns["compressed"] = plan
+    report: dict = {"target": args.target or "default", "columns": {}, "seconds": {}}
     if plan is not None:
         report["accounting"] = plan.accounting()
         report["removed_units"] = plan.removed_units()
-    for name, fn in columns.items():
+    if args.tasks:
+        report["lm_eval"] = {"version": harness.lm_eval.__version__, "tasks": args.tasks, "limit": args.limit,
+                             "num_fewshot": args.num_fewshot}
+    dense_fn = ReferenceModel(model) if plan is not None and not args.no_dense else None
+    for name, column_plan in columns.items():
         console.print(f"[bold]evaluating {name}[/bold]")
-        report["columns"][name] = evaluate(fn, tokenizer, dense_fn=dense if name != "dense" else None, **settings)
-    return show_report(report, args.json, args.overwrite)
-
-
-def run_lm_eval(args) -> int:
-    """`subfit eval --lm-eval`: the tasks through lm-evaluation-harness (subfit.harness)."""
-    if args.ppl is not None or args.tasks:
-        raise ValueError("--lm-eval runs lm-evaluation-harness tasks; give it without --ppl/--tasks.")
-    try:
-        from subfit.harness import evaluate_tasks
-    except ModuleNotFoundError as e:
-        raise ValueError(f"--lm-eval: {e}") from None
-    if args.json:
-        check_output(args.json, overwrite=args.overwrite)
-    is_plan = args.target is not None and (Path(args.target) / "plan.json").exists()
-    report = evaluate_tasks(args.target if is_plan else None, args.lm_eval, base=args.base if is_plan else args.target,
-                            dense=not args.no_dense, limit=args.limit, include_path=args.include_path,
-                            batch_size=args.batch_size)
+        start = time.perf_counter()
+        column: dict = {}
+        if args.ppl is not None:
+            column = evaluate(ReferenceModel(model, column_plan), tokenizer,
+                              dense_fn=dense_fn if column_plan is not None else None, **settings)
+        if args.tasks:
+            column["tasks"] = harness.score_tasks(model, tokenizer, column_plan, args.tasks, limit=args.limit,
+                                                  num_fewshot=args.num_fewshot, task_index=task_index,
+                                                  batch_size=args.batch_size)
+        report["columns"][name] = column
+        report["seconds"][name] = round(time.perf_counter() - start, 3)
+    if args.tasks and {"dense", "compressed"} <= set(report["columns"]):
+        report["paired"] = harness.paired_differences(report["columns"]["compressed"]["tasks"],
+                                                      report["columns"]["dense"]["tasks"])
     return show_report(report, args.json, args.overwrite)
 
 
@@ -210,7 +214,7 @@ def show_report(report: dict, json_path: str | None, overwrite: bool = False) ->
 def report_table(report: dict) -> Table:
     """Rows: metrics; columns: dense / compressed. Where a dense column was scored on the same
     windows and examples, the compressed column also shows its paired difference from it."""
-    from subfit.evaluation import paired_difference, perplexity_ratio
+    from subfit.evaluation import OUTCOMES, paired_difference, perplexity_ratio
 
     columns = report["columns"]
     dense = columns.get("dense")
@@ -236,7 +240,7 @@ def report_table(report: dict) -> Table:
         for metric in [m for m in result if m + "_stderr" in result]:  # acc, acc_norm; lm-eval's other metrics
             metrics.append((f"{task} {metric}", lambda r, t=task, m=metric:
                             f"{r['tasks'][t][m]:.3f} ± {r['tasks'][t][m + '_stderr']:.3f}"))
-            outcomes = {"acc": "correct", "acc_norm": "correct_norm"}.get(metric)
+            outcomes = OUTCOMES.get(metric)
             if dense is not None and len(columns) > 1 and outcomes in result:
                 metrics.append((f"{task} {metric} - dense", against_dense(
                     lambda r, t=task, m=metric: "{:+.3f} ± {:.3f}".format(

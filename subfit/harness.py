@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import os
 import sys
-import time
 from typing import Protocol
 
 import torch
@@ -43,6 +42,7 @@ except ModuleNotFoundError as e:
 
 from subfit import models
 from subfit.devices import check_device, default_device
+from subfit.evaluation import OUTCOMES, paired_difference
 from subfit.plan import Plan
 from subfit.reference import ReferenceModel
 from subfit.runtime import Runtime, sample
@@ -52,7 +52,6 @@ MODEL_ARGS = ("plan", "base", "device", "dtype", "batch_size", "executor", "max_
 EXECUTORS = ("runtime", "reference")
 MAX_LENGTH_CAP = 8192  # the runtime's static KV cache holds batch_size x max_length tokens
 GEN_KWARGS = ("until", "max_gen_toks", "do_sample", "temperature", "top_k", "top_p")  # after lm-eval normalises them
-PAIRED_METRICS = {"acc": "correct", "acc_norm": "correct_norm"}  # per-example outcomes, as subfit.evaluation names them
 
 
 class Executor(Protocol):
@@ -148,9 +147,10 @@ def build_executor(kind: str, hf_model, plan: Plan | None, tokenizer, max_length
 
 def load_base(plan: Plan | None, base: str | None, device: str | None, dtype: str | None):
     """(hf_model, tokenizer) of the plan's base model (or of `base`, dense), on `device`
-    (default CUDA if available) in `dtype` (default bfloat16 on CUDA, float32 elsewhere)."""
+    (default CUDA if available) in `dtype` (default bfloat16 on CUDA, float32 elsewhere: the
+    reference executor computes in the weights' dtype, and a CPU's lm-eval `hf` runs float32)."""
     device = check_device(device or default_device())
-    dtype = parse_dtype(dtype, device)
+    dtype = parse_dtype(dtype, device) if dtype is not None else torch.bfloat16 if device.type == "cuda" else torch.float32
     if plan is not None:
         hf_model, tokenizer, _ = models.load_base(plan.base, base, dtype=dtype, device=device)
     else:
@@ -353,7 +353,7 @@ def _positive_int(value: int | str) -> int:
     return number
 
 
-# subfit eval --lm-eval ------------------------------------------------------------------------------
+# subfit eval --tasks ------------------------------------------------------------------------------
 def task_report(results: dict, task: str, samples: list[dict] | None) -> dict:
     """One task of an lm-eval result as `subfit eval` reports tasks: each metric and its standard
     error (filter suffix ',none' dropped), the example count, and per-example outcomes of acc and
@@ -371,7 +371,7 @@ def task_report(results: dict, task: str, samples: list[dict] | None) -> dict:
     report["n"] = int(results.get("n-samples", {}).get(task, {}).get("effective", len(samples or [])))
     if samples:
         ordered = sorted(samples, key=lambda s: s["doc_id"])
-        for metric, outcomes in PAIRED_METRICS.items():
+        for metric, outcomes in OUTCOMES.items():
             if metric in ordered[0]:
                 report[outcomes] = [int(s[metric]) for s in ordered]
     return report
@@ -379,14 +379,25 @@ def task_report(results: dict, task: str, samples: list[dict] | None) -> dict:
 
 def task_manager(tasks: list[str], include_path: str | os.PathLike | None):
     """lm-eval's task index: `include_path` alone when it holds every task asked for (indexing
-    lm-eval's own thousands of task files takes seconds), else lm-eval's tasks too."""
+    lm-eval's own thousands of task files takes seconds), else lm-eval's tasks too. A task neither
+    holds is refused here, before any model loads."""
     from lm_eval.tasks import TaskManager
 
     if include_path is not None:
+        if not os.path.isdir(include_path):
+            raise FileNotFoundError(f"--include-path {include_path} is not a folder; give the folder of task YAMLs, "
+                                    "e.g. bench/tasks.")
         local = TaskManager(include_path=str(include_path), include_defaults=False)
         if all(task in local.all_tasks for task in tasks):
             return local
-    return TaskManager(include_path=str(include_path) if include_path is not None else None)
+    index = TaskManager(include_path=str(include_path) if include_path is not None else None)
+    unknown = [task for task in tasks if task not in index.all_tasks]
+    if unknown:
+        hint = "" if include_path is not None else "; the offline copies of the development tasks " \
+            "(piqa_local, arc_easy_local, ...) need --include-path bench/tasks"
+        raise ValueError(f"Unknown lm-eval task(s) {', '.join(unknown)}; see `python -m subfit.harness --tasks list` "
+                         f"for the names{hint}.")
+    return index
 
 
 def score_tasks(hf_model, tokenizer, plan: Plan | None, tasks: list[str], *, limit: int | None = None,
@@ -403,48 +414,14 @@ def score_tasks(hf_model, tokenizer, plan: Plan | None, tasks: list[str], *, lim
 def paired_differences(plan_tasks: dict, dense_tasks: dict) -> dict:
     """{task: {metric: {"diff", "stderr"}}}: the plan's acc and acc_norm minus the dense model's on
     the same examples, with the standard error of the per-example differences."""
-    from subfit.evaluation import paired_difference
-
     paired: dict = {}
     for task, result in plan_tasks.items():
         paired[task] = {}
-        for metric, outcomes in PAIRED_METRICS.items():
+        for metric, outcomes in OUTCOMES.items():
             if outcomes in result and outcomes in dense_tasks.get(task, {}):
                 diff, stderr = paired_difference(result, dense_tasks[task], metric)
                 paired[task][metric] = {"diff": diff, "stderr": stderr}
     return paired
-
-
-def evaluate_tasks(plan: str | os.PathLike | None, tasks: list[str], *, base: str | None = None, dense: bool = True,
-                   limit: int | None = None, num_fewshot: int | None = None, include_path: str | None = None,
-                   batch_size: int = 16, device: str | None = None, dtype: str | None = None,
-                   executor: str | None = None) -> dict:
-    """lm-eval `tasks` on a plan and (dense=True) on its dense base, from one loaded base model: the
-    `subfit eval` report, with columns "dense" and "compressed" (or only "dense" without a plan)
-    and the plan's paired differences from the dense model (`paired`)."""
-    loaded_plan = Plan.load(plan) if plan is not None else None
-    hf_model, tokenizer = load_base(loaded_plan, base, device, dtype)
-    columns = {"dense": None} if loaded_plan is None or dense else {}
-    if loaded_plan is not None:
-        columns["compressed"] = loaded_plan
-    task_index = task_manager(tasks, include_path)
-    report: dict = {"target": str(plan) if plan is not None else (base or "default"),
-                    "executor": executor or default_executor(hf_model.get_input_embeddings().weight.device),
-                    "lm_eval": {"version": lm_eval.__version__, "tasks": list(tasks), "limit": limit,
-                                "num_fewshot": num_fewshot},
-                    "columns": {}, "seconds": {}}
-    if loaded_plan is not None:
-        report["accounting"] = loaded_plan.accounting()
-    for column, column_plan in columns.items():
-        start = time.perf_counter()
-        report["columns"][column] = {"tasks": score_tasks(hf_model, tokenizer, column_plan, tasks, limit=limit,
-                                                          num_fewshot=num_fewshot, task_index=task_index,
-                                                          batch_size=batch_size, executor=executor)}
-        report["seconds"][column] = round(time.perf_counter() - start, 3)
-    if {"dense", "compressed"} <= set(report["columns"]):
-        report["paired"] = paired_differences(report["columns"]["compressed"]["tasks"],
-                                              report["columns"]["dense"]["tasks"])
-    return report
 
 
 def main() -> None:

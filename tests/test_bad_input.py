@@ -1,17 +1,18 @@
 """Bad input through the Python API (and the CLI options wired to the same checks): output
-locations that would lose someone's files, task files with bad lines, evaluation and sampling
+locations that would lose someone's files, offline task files with bad lines, evaluation and sampling
 arguments out of range. Each is refused with an error that names the problem, before any work,
 and leaves every file as it was."""
 import json
 import os
 import re
+import sys
 from pathlib import Path
 
 import pytest
 import torch
 
 from subfit.cli import main
-from subfit.evaluation import evaluate, load_task, perplexity
+from subfit.evaluation import evaluate, perplexity
 from subfit.files import OutputError, staged_folder, write_json
 from subfit.plan import PLAN_FOLDER, Plan
 from subfit.reference import ReferenceModel
@@ -189,7 +190,10 @@ def test_cli_refuses_an_output_before_loading_the_model(argv, message, small_pla
     assert snapshot(tmp_path) == before
 
 
-# task files ---------------------------------------------------------------------------------
+# offline task files (bench/tasks/local_data.py, which lm-eval calls) --------------------------
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench" / "tasks"))
+from local_data import read_examples  # noqa: E402
+
 GOOD = {"query": "Lily liked", "choices": ["cats", "dogs"], "gold": 1}
 
 
@@ -203,14 +207,14 @@ GOOD = {"query": "Lily liked", "choices": ["cats", "dogs"], "gold": 1}
     ('{"query": "q", "choices": ["a", "b"], "gold": -1}', "gold is -1"),
     ('{"query": "q", "choices": "ab", "gold": 0}', "choices is 'ab'"),
     ('{"query": "q", "choices": [1, 2], "gold": 0}', "choices is [1, 2]"),
-    ('{"query": null, "choices": ["a"], "gold": 0}', "query is None; expected a string"),
+    ('{"query": null, "choices": ["a"], "gold": 0}', "query is None; expected a non-empty string"),
     ('{"choices": ["a"], "gold": 0}', "lacks 'query'"),
     ('{"context_options": [], "continuation": "x", "gold": 0}', "context_options is []"),
     ('{"context_options": ["a", "b"], "gold": 0}', "lacks 'continuation'"),
     ('{"context_options": ["a", "b"], "continuation": "x", "gold": 5}', "from 0 to 1"),
-    ('{"context": "a", "continuation": " "}', "continuation is empty"),
+    ('{"context": "a", "continuation": " "}', "continuation is ' '; expected a non-empty string"),
     ('{"context": 1, "continuation": "x"}', "context is 1"),
-    ('{"question": "q"}', "Unknown task format with keys ['question']"),
+    ('{"question": "q"}', "unknown format with keys ['question']"),
     ("[1, 2]", "expected a JSON object"),
     ('{"query": "q", "choices": ["a"], ', "is not valid JSON"),
 ])
@@ -219,7 +223,7 @@ def test_bad_task_lines_are_refused_naming_file_and_line(line, message, tmp_path
     path.write_text(json.dumps(GOOD) + "\n\n" + line + "\n" + json.dumps(GOOD) + "\n")
     before = snapshot(tmp_path)
     with pytest.raises(ValueError) as error:
-        load_task(path)
+        read_examples(path)
     assert str(error.value).startswith(f"{path}:3") and message in str(error.value)
     assert snapshot(tmp_path) == before
 
@@ -228,7 +232,7 @@ def test_task_file_that_is_not_utf8_names_the_line(tmp_path):
     path = tmp_path / "task.jsonl"
     path.write_bytes(json.dumps(GOOD).encode() + b'\n{"query": "\xff"}\n')
     with pytest.raises(ValueError, match=rf"{path}:2 is not UTF-8 text"):
-        load_task(path)
+        read_examples(path)
 
 
 class CountingModel:
@@ -248,23 +252,14 @@ class CountingModel:
     ({"window": 64.0}, "window=64.0"),
     ({"stride": 0}, "stride=0: expected an integer >= 1 or None"),
     ({"window": 32, "stride": 64}, "stride=64 is larger than window=32"),
-    ({"limit": 0}, "limit=0: expected an integer >= 1 or None"),
     ({"max_tokens": 1}, "max_tokens=1: expected an integer >= 2"),
-    ({"batch_size": 0}, "batch_size=0"),
-    ({"tasks": ["{bad}"]}, ":2: gold is 3"),
-    ({"tasks": ["{good}", "{good}"]}, "Two task files are named 'good'"),
     ({"ppl": "missing.txt"}, "missing.txt does not exist"),
     ({"ppl": "{folder}"}, "is a folder; give a text file"),
-    ({"tasks": "piqa.jsonl"}, r"tasks='piqa.jsonl' is one path; give a list of task files, e.g. tasks=\['piqa.jsonl'\]"),
 ])
 def test_evaluation_settings_are_checked_before_any_work(settings, message, stories, tinystories_file, tmp_path):
-    (tmp_path / "good.jsonl").write_text(json.dumps(GOOD) + "\n")
-    (tmp_path / "bad.jsonl").write_text(json.dumps(GOOD) + "\n" + json.dumps({**GOOD, "gold": 3}) + "\n")
     settings = {"ppl": tinystories_file, "max_tokens": 200, "window": 64, **settings}
     if settings["ppl"] == "{folder}":
         settings["ppl"] = tmp_path
-    if isinstance(settings.get("tasks"), list):
-        settings["tasks"] = [tmp_path / f"{t.strip('{}')}.jsonl" for t in settings["tasks"]]
     model = CountingModel(stories[0])
     with pytest.raises((ValueError, FileNotFoundError), match=message):
         evaluate(model, stories[1], progress=False, **settings)

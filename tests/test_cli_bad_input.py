@@ -66,15 +66,16 @@ CASES = [
     (["eval", "{badconfig}", "--ppl", "{text}"], "config.json' is not a valid JSON file"),
     (["compress", "{new}/model.gguf", "--sparsity", "0.25", "--out", "{new}/plan"], "GGUF file {new}/model.gguf does not exist"),
     # eval
-    (["eval", "{model}"], "nothing to evaluate: give --ppl FILE and/or --tasks FILE"),
+    (["eval", "{model}"], "nothing to evaluate: give --ppl FILE and/or --tasks TASK"),
     (["eval", "{model}", "--ppl", "{new}/wiki.txt"], "Perplexity text {new}/wiki.txt does not exist; give a text file"),
     (["eval", "{model}", "--ppl", "{folder}"], "Perplexity text {folder} is a folder"),
     (["eval", "{model}", "--ppl", "{blank}"], "Perplexity text {blank} holds no text"),
     (["eval", "{model}", "--ppl", "{latin1}"], "Perplexity text {latin1} is not UTF-8 text"),
-    (["eval", "{model}", "--tasks", "{badtask}"], "{badtask}:2: gold is 3; expected the index of the right entry"),
-    (["eval", "{model}", "--tasks", "{new}/piqa.jsonl"], "Task file {new}/piqa.jsonl does not exist"),
-    (["eval", "{model}", "--tasks", "{task}", "{folder}/task.jsonl"], "Two task files are named 'task'"),
-    ([*EVAL, "--lm-eval", "piqa"], "--lm-eval runs lm-evaluation-harness tasks; give it without --ppl/--tasks"),
+    (["eval", "{model}", "--tasks", "no_such_task", "--include-path", "{tasks}"],
+     "Unknown lm-eval task(s) no_such_task; see `python -m subfit.harness --tasks list`"),
+    (["eval", "{model}", "--tasks", "piqa_local", "--include-path", "{new}/tasks"], "--include-path {new}/tasks is not a folder"),
+    (["eval", "{model}", "--tasks", "piqa_local", "--include-path", "{tasks}", "--num-fewshot", "-1"],
+     "--num-fewshot -1: give 0 or more examples"),
     ([*EVAL, "--window", "1"], "window=1: expected an integer >= 2"),
     ([*EVAL, "--window", "4096"], "window=4096 (--window) is longer than the model's 512 positions"),
     ([*EVAL, "--window", "64", "--stride", "128"], "stride=128 is larger than window=64"),
@@ -118,6 +119,7 @@ CASES = [
     ([*SWEEP_ARGS, "--window", "4096"], "window=4096 (--window) is longer than the model's 512 positions"),
     ([*SWEEP_ARGS, "--cache", "{report}"], "--cache {report} is a file; give a folder"),
     ([*SWEEP_ARGS, "--device", "banana"], "device='banana' is not a device name"),
+    ([*SWEEP_ARGS, "--tasks", "no_such_task", "--include-path", "{tasks}"], "Unknown lm-eval task(s) no_such_task"),
     (["sweep", "{model}", "--calib", "{text}", "--out", "{new}/results"], "the following arguments are required: --cache"),
 ]
 
@@ -125,21 +127,19 @@ CASES = [
 @pytest.fixture
 def places(tmp_path, stories_dir, tinystories_file, small_plan, family_model_dir) -> dict[str, str]:
     """Inputs and outputs of every kind the cases name, made under tmp_path: {name} -> path."""
-    p = {name: tmp_path / name for name in ("model", "text", "empty", "blank", "latin1", "task", "badtask", "report",
+    p = {name: tmp_path / name for name in ("model", "text", "empty", "blank", "latin1", "assets", "report",
                                             "folder", "stray", "gpt2", "weightless", "badconfig", "results")}
     shutil.copytree(stories_dir, p["model"])
     p["text"].write_text(tinystories_file.read_text()[:20_000])
     p["empty"].write_text("")
     p["blank"].write_text("  \n\n \t\n")
     p["latin1"].write_bytes("Once upon a time\nthere was a caf\u00e9.\n".encode("latin-1"))
-    p["task"] = tmp_path / "task.jsonl"
-    p["task"].write_text(json.dumps(GOOD_TASK) + "\n")
-    p["badtask"] = tmp_path / "badtask.jsonl"
-    p["badtask"].write_text(json.dumps(GOOD_TASK) + "\n" + json.dumps({**GOOD_TASK, "gold": 3}) + "\n")
+    (p["assets"] / "data" / "mc_eval").mkdir(parents=True)  # shared assets whose PIQA file has a bad line
+    (p["assets"] / "data" / "mc_eval" / "piqa.jsonl").write_text(
+        json.dumps(GOOD_TASK) + "\n" + json.dumps({**GOOD_TASK, "gold": 3}) + "\n")
     p["report"].write_text("mine")
     p["folder"].mkdir()
     (p["folder"] / "notes.txt").write_text("mine")
-    (p["folder"] / "task.jsonl").write_text(json.dumps(GOOD_TASK) + "\n")
     p["stray"].mkdir()
     (p["stray"] / "bypass.safetensors").write_text("mine")
     p["gpt2"].mkdir()
@@ -157,6 +157,7 @@ def places(tmp_path, stories_dir, tinystories_file, small_plan, family_model_dir
     (p["badplan"] / "plan.json").write_text(json.dumps(record))
     Path(f"{p['results']}.json").write_text("{}")
     p["new"] = tmp_path / "new"
+    p["tasks"] = Path(__file__).resolve().parents[1] / "bench" / "tasks"
     p["llama"] = family_model_dir("llama")
     return {f"{{{name}}}": str(path) for name, path in p.items()}
 
@@ -193,6 +194,18 @@ def test_bad_invocation_is_refused_in_one_line(argv, message, places, tmp_path, 
     command = "sweep" if argv[0] == "sweep" else argv[0]
     assert errors[0].startswith(f"subfit {command}: error: ") and message in errors[0], errors[0]
     assert FIX.search(errors[0].split(": error: ", 1)[1]), f"no fix in: {errors[0]}"
+    assert snapshot(tmp_path) == before
+
+
+def test_bad_line_of_an_offline_task_file_is_refused(places, tmp_path, capsys, monkeypatch):
+    """lm-eval reads the offline tasks through bench/tasks/local_data.py, which checks every line."""
+    monkeypatch.setenv("SUBFIT_ASSETS", places["{assets}"])
+    before = snapshot(tmp_path)
+    argv = [fill(a, places) for a in ["eval", "{model}", "--tasks", "piqa_local", "--include-path", "{tasks}",
+                                      "--json", "{new}/report.json"]]
+    assert run(argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert err.startswith("subfit eval: error: ") and "piqa.jsonl:2: gold is 3; expected the index" in err, err
     assert snapshot(tmp_path) == before
 
 

@@ -1,13 +1,11 @@
-"""Evaluation: perplexity equals the model's own loss, windows score every token once, and
-multiple choice follows lm-evaluation-harness on planted cases."""
-import json
+"""Evaluation: perplexity equals the model's own loss, windows score every token once, and the
+paired statistics compare two models on the same windows and examples."""
 import math
 import statistics
 
 import pytest
-import torch
 
-from subfit.evaluation import _windows, multiple_choice, paired_difference, perplexity, perplexity_ratio, requests_for
+from subfit.evaluation import _windows, paired_difference, perplexity, perplexity_ratio
 from subfit.reference import ReferenceModel
 
 
@@ -35,39 +33,6 @@ def test_perplexity_matches_the_hf_loss_on_one_window(stories):
     assert math.isclose(result["ppl"], math.exp(float(loss)), rel_tol=1e-5)
     same = perplexity(ReferenceModel(model), ids[0], window=64, dense_fn=ReferenceModel(model), progress=False)
     assert same["kl"] == pytest.approx(0.0, abs=1e-6) and same["top1_agreement"] == 1.0
-
-
-def test_multiple_choice_prefers_what_the_model_says(stories, tmp_path):
-    """Gold = the model's own greedy continuation vs a garbled one: acc must be 1, and 0 when gold
-    points at the garbled choice. LAMBADA-style greedy match: 1 on the model's own word, 0 else."""
-    model, tokenizer, _ = stories
-    ref = ReferenceModel(model)
-    query = "Once upon a time, there was a little girl named Lily. She loved to"
-    ids = tokenizer(query + "\nAnswer:", return_tensors="pt").input_ids
-    greedy = tokenizer.decode(ref.greedy(ids, 6)[0]).strip()
-    docs = [{"query": query, "choices": [greedy, "zq xv kk"], "gold": 0},
-            {"query": query, "choices": ["zq xv kk", greedy], "gold": 1},
-            {"query": query, "choices": ["zq xv kk", greedy], "gold": 0}]
-    path = tmp_path / "task.jsonl"
-    path.write_text("\n".join(json.dumps(d) for d in docs))
-    result = multiple_choice(ref, tokenizer, path, progress=False)
-    assert result["n"] == 3 and result["acc"] == pytest.approx(2 / 3) and result["correct"] == [1, 1, 0]
-    assert result["acc_stderr"] == pytest.approx(statistics.stdev([1, 1, 0]) / math.sqrt(3))
-    plain = tokenizer.decode(ref.greedy(tokenizer(query, return_tensors="pt").input_ids, 3)[0]).split()[0]
-    lam = tmp_path / "lambada.jsonl"
-    lam.write_text(json.dumps({"context": query, "continuation": plain}) + "\n"
-                   + json.dumps({"context": query, "continuation": "zebra"}))
-    assert multiple_choice(ref, tokenizer, lam, progress=False)["acc"] == 0.5
-
-
-def test_winogrande_partial_scoring_scores_the_shared_continuation():
-    pairs, gold, kind = requests_for({"context_options": ["A so A", "A so B"], "continuation": "won.", "gold": 1})
-    assert pairs == [("A so A", " won."), ("A so B", " won.")] and gold == 1 and kind == "partial"
-
-
-def test_unknown_task_format_is_refused():
-    with pytest.raises(ValueError, match="Unknown task format"):
-        requests_for({"question": "?"})
 
 
 def test_paired_difference_uses_the_per_example_differences():

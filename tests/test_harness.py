@@ -1,6 +1,6 @@
 """lm-evaluation-harness on subfit (real lm-eval, real stories260K plan): the `lm_eval` command
 offline on the local task files, each request type against the reference executor's own numbers,
-the runtime against the reference executor, `subfit eval --lm-eval`, and clear errors."""
+the runtime against the reference executor, `subfit eval --tasks`, and clear errors."""
 import json
 import os
 import subprocess
@@ -17,7 +17,6 @@ pytest.importorskip("lm_eval", reason="lm-evaluation-harness is optional: pip in
 from lm_eval.api.instance import Instance  # noqa: E402
 
 from subfit.cli import main  # noqa: E402
-from subfit.evaluation import multiple_choice  # noqa: E402
 from subfit.harness import SubfitLM  # noqa: E402
 from subfit.plan import Plan  # noqa: E402
 from subfit.reference import ReferenceModel  # noqa: E402
@@ -81,9 +80,9 @@ def continuation_logprob(ref: ReferenceModel, context_ids: list[int], continuati
 
 
 def test_lm_eval_command_runs_offline_on_a_plan(plan_dir, stories, reference, assets, offline, tmp_path):
-    """The documented command, in a fresh process with the hub unreachable; its accuracy is the
-    built-in scorer's on the same 50 examples. (Most of its ~15 s is lm-eval indexing its own
-    thousands of task files, which its command line always does.)"""
+    """The documented command, in a fresh process with the hub unreachable: every logged choice's
+    log-likelihood is the reference executor's for PIQA's prompt, so its accuracy is too. (Most of
+    its ~15 s is lm-eval indexing its own thousands of task files, which its command line always does.)"""
     out = tmp_path / "results"
     done = subprocess.run(
         [sys.executable, "-m", "subfit.harness", "--model", "subfit", "--model_args", f"plan={plan_dir},batch_size=8",
@@ -94,10 +93,20 @@ def test_lm_eval_command_runs_offline_on_a_plan(plan_dir, stories, reference, as
     results = json.loads(next(out.rglob("results_*.json")).read_text())["results"]["piqa_local"]
     samples = [json.loads(line) for line in next(out.rglob("samples_piqa_local_*.jsonl")).read_text().splitlines()]
     assert len(samples) == 50
-    builtin = multiple_choice(reference, stories[1], assets / "data" / "mc_eval" / "piqa.jsonl", limit=50,
-                              progress=False)
-    assert [int(s["acc"]) for s in sorted(samples, key=lambda s: s["doc_id"])] == builtin["correct"]
-    assert results["acc,none"] == pytest.approx(builtin["acc"])
+    tokenizer = stories[1]
+    docs = [json.loads(line) for line in (assets / "data" / "mc_eval" / "piqa.jsonl").read_text().splitlines()[:50]]
+    correct = []
+    for sample in sorted(samples, key=lambda s: s["doc_id"]):
+        doc = docs[sample["doc_id"]]
+        context = doc["query"].rstrip() + "\nAnswer:"
+        context_ids = tokenizer(context).input_ids
+        expected = [continuation_logprob(reference, context_ids,
+                                         tokenizer(context + " " + choice).input_ids[len(context_ids):])
+                    for choice in doc["choices"]]
+        assert [ll for ll, _ in sample["filtered_resps"]] == pytest.approx(expected, rel=1e-4, abs=1e-4)
+        correct.append(int(max(range(len(expected)), key=expected.__getitem__) == doc["gold"]))
+        assert int(sample["acc"]) == correct[-1]
+    assert results["acc,none"] == pytest.approx(sum(correct) / 50)
 
 
 def test_dense_model_gives_lm_evals_own_hf_numbers(stories_dir):
@@ -186,12 +195,12 @@ def test_runtime_executor_agrees_with_the_reference_executor(plan_dir):
     assert rt_text == ref_text
 
 
-def test_subfit_eval_lm_eval_prints_dense_and_plan_with_paired_differences(plan_dir, offline, monkeypatch, tmp_path,
-                                                                          capsys):
+def test_subfit_eval_tasks_prints_dense_and_plan_with_paired_differences(plan_dir, offline, monkeypatch, tmp_path,
+                                                                        capsys):
     for name, value in offline.items():
         monkeypatch.setenv(name, value)
     report_path = tmp_path / "report.json"
-    assert main(["eval", str(plan_dir), "--lm-eval", "piqa_local", "winogrande_local", "--include-path", str(TASKS),
+    assert main(["eval", str(plan_dir), "--tasks", "piqa_local", "winogrande_local", "--include-path", str(TASKS),
                  "--limit", "30", "--batch-size", "8", "--json", str(report_path)]) == 0
     table = capsys.readouterr().err
     assert "piqa_local acc - dense" in table and "piqa_local acc_norm - dense" in table
@@ -206,7 +215,7 @@ def test_subfit_eval_lm_eval_prints_dense_and_plan_with_paired_differences(plan_
 def test_without_lm_eval_the_command_says_how_to_install(plan_dir):
     code = ("import sys; sys.modules['lm_eval'] = None\n"  # what Python sees when the package is not installed
             "from subfit.cli import main\n"
-            f"sys.exit(main(['eval', {str(plan_dir)!r}, '--lm-eval', 'piqa']))\n")
+            f"sys.exit(main(['eval', {str(plan_dir)!r}, '--tasks', 'piqa']))\n")
     done = subprocess.run([sys.executable, "-c", code], cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO)},
                           capture_output=True, text=True, timeout=300)
     assert done.returncode == 2 and len(done.stderr.strip().splitlines()) == 1

@@ -20,10 +20,39 @@ METHODS = ["subfit", "subfit-layer", "subfit-delete", "shortgpt", "replaceme", "
 LEVELS = [0.125, 0.25]
 
 
+CHOICE_TASK = """task: pets
+dataset_path: json
+dataset_kwargs:
+  data_files:
+    test: {path}
+output_type: multiple_choice
+test_split: test
+doc_to_text: "{{{{query}}}}"
+doc_to_target: gold
+doc_to_choice: choices
+metric_list:
+  - metric: acc
+  - metric: acc_norm
+"""
+CLOZE_TASK = """task: cloze
+dataset_path: json
+dataset_kwargs:
+  data_files:
+    test: {path}
+output_type: loglikelihood
+test_split: test
+doc_to_text: "{{{{context}}}}"
+doc_to_target: "{{{{' ' + continuation}}}}"
+metric_list:
+  - metric: acc
+"""
+
+
 @pytest.fixture(scope="module")
 def files(tinystories_file, tmp_path_factory):
-    """Calibration and held-out text from two halves of the TinyStories file, and two task files
-    in two of the supported formats."""
+    """Calibration and held-out text from two halves of the TinyStories file, and a folder of two
+    lm-eval tasks over local files: multiple choice (acc, acc_norm) and a cloze (acc only)."""
+    pytest.importorskip("lm_eval", reason="the sweep scores tasks with lm-evaluation-harness: pip install -e '.[eval]'")
     folder = tmp_path_factory.mktemp("sweep_data")
     text = tinystories_file.read_text()
     calib, heldout = folder / "calib.txt", folder / "heldout.txt"
@@ -37,13 +66,18 @@ def files(tinystories_file, tmp_path_factory):
     cloze.write_text("\n".join(json.dumps({"context": c, "continuation": w}) for c, w in [
         ("Once upon a time, there was a little girl named Lily. She liked to play with her", "toys"),
         ("The sun was shining and the birds were", "singing")]))
-    return calib, heldout, [str(choice), str(cloze)]
+    tasks = folder / "tasks"
+    tasks.mkdir()
+    (tasks / "pets.yaml").write_text(CHOICE_TASK.format(path=choice))
+    (tasks / "cloze.yaml").write_text(CLOZE_TASK.format(path=cloze))
+    return calib, heldout, tasks
 
 
 def config(stories_dir, files, tmp_path, **changes):
     calib, heldout, tasks = files
     base = dict(model=str(stories_dir), calib=str(calib), out=str(tmp_path / "results" / "sweep"),
-                cache=str(tmp_path / "cache"), ppl=str(heldout), tasks=tasks, calib_samples=16, calib_len=64,
+                cache=str(tmp_path / "cache"), ppl=str(heldout), tasks=["pets", "cloze"], include_path=str(tasks),
+                calib_samples=16, calib_len=64,
                 levels=LEVELS, methods=METHODS, window=256, max_tokens=2048, limit=None, agreement=True,
                 subfit={"step": 0.75, "score_samples": 8, "selection_draws": 1}, map_levels=[0.25, 0.125])
     return SweepConfig(**{**base, **changes})
@@ -73,7 +107,6 @@ def test_sweep_outputs_cache_and_resume(stories_dir, files, tmp_path):
     # The deletion ablation is SubFit's own selection, bypasses dropped.
     assert rows[("subfit-delete", 0.25)]["removed_units"] == rows[("subfit", 0.25)]["removed_units"]
     assert rows[("subfit-delete", 0.25)]["bypass_params"] == 0
-    out = tmp_path / "results" / "sweep"
     md = (tmp_path / "results" / "sweep.md").read_text()
     assert "| subfit |" in md and "Perplexity ratio" in md and "n/a" in md
     # Paired against SubFit on the same windows and examples: the per-example path agrees with
@@ -143,7 +176,7 @@ def test_sweep_command(stories_dir, files, tmp_path, capsys):
     calib, heldout, tasks = files
     out = tmp_path / "cli"
     assert main(["sweep", str(stories_dir), "--calib", str(calib), "--calib-samples", "12", "--calib-len", "64",
-                 "--ppl", str(heldout), "--window", "256", "--max-tokens", "1024", "--tasks", tasks[0],
+                 "--ppl", str(heldout), "--window", "256", "--max-tokens", "1024", "--tasks", "pets", "--include-path", str(tasks),
                  "--methods", "uidl", "llm-drop", "--levels", "0.25", "--map-levels", "0.25",
                  "--cache", str(tmp_path / "c"), "--out", str(out)]) == 0
     assert "| uidl |" in capsys.readouterr().out or "| uidl |" in out.with_suffix(".md").read_text()

@@ -28,8 +28,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[2]
 ASSETS = Path(os.environ.get("SUBFIT_ASSETS", ROOT.parent / "shared" / "assets"))
 DATA = ASSETS / "data"
-TASK_FILES = [str(DATA / "mc_eval" / f"{t}.jsonl") for t in
-              ("piqa", "arc_easy", "arc_challenge", "winogrande", "lambada_openai")]
+TASKS = ["--tasks", *(f"{t}_local" for t in ("piqa", "arc_easy", "arc_challenge", "winogrande", "lambada_openai")),
+         "--include-path", str(ROOT / "bench" / "tasks")]  # offline lm-eval copies of the five tasks
 PINNED_SELECTION = ["--subfit", "score_samples=32", "selection_draws=1"]
 
 
@@ -53,14 +53,14 @@ def preset(name: str) -> list[str]:
         return [str(ASSETS / "models" / "stories260K"), "--calib", str(calib), "--calib-samples", "128",
                 "--calib-len", "256", *PINNED_SELECTION,
                 "--ppl", str(heldout), "--window", "512", "--max-tokens", "32768",
-                "--tasks", *TASK_FILES, "--limit", "300", "--agreement", "--map-levels", "0.25", "0.375",
+                *TASKS, "--limit", "300", "--agreement", "--map-levels", "0.25", "0.375",
                 "--title", "SubFit quality sweep: stories260K (TinyStories held-out half; MC tasks near chance)",
                 "--cache", str(cache), "--out", str(out)]
     if name == "smollm2":
         return ["--calib", str(DATA / "calib" / "wiki_passages.txt"), "--calib-samples", "128", "--calib-len", "512",
                 *PINNED_SELECTION,
                 "--ppl", str(DATA / "wikitext-2-raw" / "wiki.test.raw"), "--window", "1024", "--max-tokens", "16384",
-                "--tasks", *TASK_FILES, "--limit", "300",
+                *TASKS, "--limit", "300",
                 "--title", "SubFit quality sweep: SmolLM2-135M-Instruct (WikiText-2 and five zero-shot tasks)",
                 "--cache", str(cache), "--out", str(out)]
     raise SystemExit(f"unknown preset {name!r}: choose stories260k or smollm2")

@@ -1,10 +1,10 @@
 """The quality sweep: every method at every sparsity level on one model and one calibration set.
 
-`python bench/sweep/sweep.py MODEL --calib FILE --ppl FILE --tasks FILES --cache DIR --out PREFIX`
-(or `subfit sweep ...` from a source checkout) compresses the model with SubFit, its ablations and
-the baselines at each level (`sweep_variants.VARIANTS`), evaluates every plan with
-`subfit.evaluate` (the code path of `subfit eval`), pairs SubFit with each other method on the same
-windows and examples, and writes `<out>.json`, `<out>.md` and two PNG plots (`sweep_report`).
+`python bench/sweep/sweep.py MODEL --calib FILE --ppl FILE --tasks TASKS [--include-path DIR] --cache DIR
+--out PREFIX` (or `subfit sweep ...` from a source checkout) compresses the model with SubFit, its
+ablations and the baselines at each level (`sweep_variants.VARIANTS`), evaluates every plan as
+`subfit eval` does (perplexity by `subfit.evaluation`, tasks by lm-evaluation-harness through
+`subfit.harness`), pairs SubFit with each other method on the same windows and examples, and writes `<out>.json`, `<out>.md` and two PNG plots (`sweep_report`).
 Everything expensive is cached and reused (`sweep_cache`); `run_sweep.py` holds the presets.
 """
 from __future__ import annotations
@@ -37,7 +37,8 @@ class SweepConfig:
     out: str  # results prefix: <out>.json, <out>.md, <out>_quality.png, <out>_layers.png
     cache: str  # cache folder (plans, statistics, evaluations)
     ppl: str | None = None  # text file for perplexity
-    tasks: list[str] = field(default_factory=list)  # task files (.jsonl, subfit.evaluate formats)
+    tasks: list[str] = field(default_factory=list)  # lm-eval task names
+    include_path: str | None = None  # folder of extra lm-eval task YAMLs (bench/tasks: the offline copies)
     calib_samples: int = TEXT_CALIBRATION[0]
     calib_len: int = TEXT_CALIBRATION[1]
     seed: int = 0
@@ -85,9 +86,13 @@ class SweepConfig:
         return record
 
     def eval_key(self) -> dict:
-        files = [self.ppl, *self.tasks]
+        """What an evaluation depends on: settings, and the text and task definitions it read."""
+        files = [self.ppl] if self.ppl else []
+        if self.include_path:
+            files += sorted(str(f) for f in Path(self.include_path).iterdir() if f.is_file())
         return {"ppl": self.ppl, "window": self.window, "max_tokens": self.max_tokens, "tasks": list(self.tasks),
-                "limit": self.limit, "agreement": self.agreement, "files": {str(f): file_id(f) for f in files if f}}
+                "include_path": self.include_path, "limit": self.limit, "agreement": self.agreement,
+                "files": {str(f): file_id(f) for f in files}}
 
 
 def check_config(config: SweepConfig, *, overwrite: bool = False) -> None:
@@ -113,9 +118,12 @@ def check_config(config: SweepConfig, *, overwrite: bool = False) -> None:
     if config.device is not None:
         check_device(config.device)
     if config.ppl is None and not config.tasks:
-        raise ValueError("Nothing to evaluate: give a perplexity text file and/or task files.")
-    check_inputs(ppl=config.ppl, tasks=config.tasks, limit=config.limit, window=config.window,
-                 max_tokens=config.max_tokens, batch_size=config.batch_size)
+        raise ValueError("Nothing to evaluate: give a perplexity text file and/or lm-eval tasks.")
+    check_inputs(ppl=config.ppl, window=config.window, max_tokens=config.max_tokens)
+    if config.tasks:
+        from subfit.harness import task_manager
+
+        task_manager(config.tasks, config.include_path)
     if config.calib not in (None, SELF) and not config.calib.startswith("hf:"):
         read_text(config.calib, "Calibration file")
     if Path(config.cache).exists() and not Path(config.cache).is_dir():
@@ -273,12 +281,15 @@ def run_sweep(config: SweepConfig, *, overwrite: bool = False) -> dict:
     from subfit.reference import ReferenceModel
 
     eval_key = json.loads(json.dumps(config.eval_key()))
+    if config.tasks:
+        from subfit.harness import score_tasks, task_manager
+
+        task_index = task_manager(config.tasks, config.include_path)
     device = next(model.parameters()).device
     dense_ref = ReferenceModel(model)
 
     def on_device(ref):
-        """The executor itself on CPU (keeps its `logits_at` fast path); elsewhere a wrapper that
-        moves the token ids to the model's device first."""
+        """The executor itself on CPU; elsewhere a wrapper that moves the token ids to the model's device."""
         return ref if device.type == "cpu" else _OnDevice(ref, device)
 
     def evaluated(tag: str, plan) -> tuple[dict, float | None]:
@@ -290,11 +301,15 @@ def run_sweep(config: SweepConfig, *, overwrite: bool = False) -> dict:
                 computed["reused_evals"].append(tag)
             return report, seconds
         t = time.perf_counter()
-        fn = on_device(ReferenceModel(model, plan)) if plan is not None else on_device(dense_ref)
-        report = evaluate(fn, tokenizer, ppl=config.ppl, tasks=config.tasks, limit=config.limit,
-                          window=config.window, max_tokens=config.max_tokens,
-                          dense_fn=on_device(dense_ref) if (config.agreement and plan is not None) else None,
-                          batch_size=config.batch_size, progress=config.progress)
+        report = {}
+        if config.ppl is not None:
+            fn = on_device(ReferenceModel(model, plan)) if plan is not None else on_device(dense_ref)
+            report = evaluate(fn, tokenizer, ppl=config.ppl, window=config.window, max_tokens=config.max_tokens,
+                              dense_fn=on_device(dense_ref) if (config.agreement and plan is not None) else None,
+                              progress=config.progress)
+        if config.tasks:
+            report["tasks"] = sweep_tasks(score_tasks(model, tokenizer, plan, config.tasks, limit=config.limit,
+                                                      task_index=task_index, batch_size=config.batch_size))
         seconds = round(time.perf_counter() - t, 3)
         store_evaluation(cache / "evals", tag, settings, report, seconds)
         computed["evals"].append(tag)
@@ -356,18 +371,33 @@ def _log(message: str) -> None:
 
 
 class _OnDevice:
+    """A reference executor that takes token ids on the CPU, for a model on another device."""
+
     def __init__(self, ref, device):
         self.ref, self.device = ref, device
 
     def __call__(self, ids):
         return self.ref(ids.to(self.device))
 
-    def logits_at(self, ids, index):
-        return self.ref.logits_at(ids.to(self.device), index.to(self.device))
-
     @property
     def max_positions(self) -> int | None:
         return self.ref.max_positions
+
+
+def sweep_tasks(tasks: dict) -> dict:
+    """lm-eval task reports as the sweep compares them: an offline copy under the name of the task
+    it copies (`piqa_local` -> `piqa`), and acc standing in for acc_norm (with its per-example
+    outcomes) where a task has no length-normalised score (WinoGrande, LAMBADA), so that either
+    metric covers every task."""
+    out = {}
+    for name, result in tasks.items():
+        result = dict(result)
+        if "acc_norm" not in result:
+            result.update(acc_norm=result["acc"], acc_norm_stderr=result.get("acc_stderr"))
+            if "correct" in result:
+                result["correct_norm"] = result["correct"]
+        out[name.removesuffix("_local")] = result
+    return out
 
 
 def _dense_metrics(report: dict) -> dict:
@@ -443,7 +473,8 @@ def paired_against(report: dict, other: dict, dense: dict, metric: str) -> dict:
 
 SWEEP_EXAMPLES = """examples:
   subfit sweep HuggingFaceTB/SmolLM2-135M --calib wiki_passages.txt --ppl wiki.test.raw \\
-      --tasks piqa.jsonl arc_easy.jsonl arc_challenge.jsonl winogrande.jsonl lambada_openai.jsonl \\
+      --tasks piqa_local arc_easy_local arc_challenge_local winogrande_local lambada_openai_local \\
+      --include-path bench/tasks \\
       --limit 300 --window 1024 --max-tokens 16384 --cache plans/sweep_smollm2 --out bench/results/sweep_smollm2
   subfit sweep ./stories260K --calib part1.txt --ppl part2.txt --methods subfit shortgpt --levels 0.25 0.375 ...
 Interrupted? Run the same command again: cached plans and evaluations are reused.
@@ -462,7 +493,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--calib-len", type=positive_int, default=512, help="tokens per calibration sequence (default 512)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--ppl", default=None, help="text file for perplexity (e.g. wiki.test.raw)")
-    p.add_argument("--tasks", nargs="*", default=[], help="task files (.jsonl): piqa, arc_easy, ...")
+    p.add_argument("--tasks", nargs="*", default=[], help="lm-eval tasks, e.g. piqa arc_easy (offline: piqa_local ...)")
+    p.add_argument("--include-path", default=None, help="folder of extra lm-eval task YAMLs, e.g. bench/tasks")
     p.add_argument("--limit", type=int, default=300, help="first N examples per task (default 300; 0 = all)")
     p.add_argument("--window", type=positive_int, default=1024, help="perplexity window (default 1024)")
     p.add_argument("--max-tokens", type=int, default=16384, help="first N tokens of --ppl (default 16384; 0 = all)")
@@ -500,6 +532,7 @@ def _setting(text: str) -> tuple[str, object]:
 def config_from_args(args) -> SweepConfig:
     return SweepConfig(
         model=args.model, calib=args.calib, out=args.out, cache=args.cache, ppl=args.ppl, tasks=list(args.tasks),
+        include_path=args.include_path,
         calib_samples=args.calib_samples, calib_len=args.calib_len, seed=args.seed, levels=list(args.levels),
         methods=list(args.methods), window=args.window, max_tokens=args.max_tokens or None, limit=args.limit or None,
         metric=args.metric, agreement=args.agreement, subfit=dict(map(_setting, args.subfit)), ridge=args.ridge,
