@@ -16,11 +16,11 @@ from pathlib import Path
 
 import torch
 
+import subfit.runtime.tensor_parallel as tensor_parallel
 from subfit import models
 from subfit.devices import check_device, default_device
 from subfit.models import Decoder
 from subfit.plan import PLAN_FILE, Plan
-import subfit.runtime.tensor_parallel as tensor_parallel
 from subfit.runtime.model import Transformer, check_dtype, default_dtype
 
 Prompt = str | Sequence[str] | Sequence[int] | Sequence[Sequence[int]] | torch.Tensor
@@ -474,7 +474,8 @@ def load(plan: Plan | str | os.PathLike | None, device: str | torch.device | Non
     else:
         source = models.resolve_source(base if base is not None else plan)
     if tp != 1:
-        tensor_parallel.check(tp, models.load_config(source), tensor_parallel.model_name(source.path, source.gguf_file))
+        name = tensor_parallel.model_name(source.path, source.gguf_file)
+        tensor_parallel.check(tp, models.load_config(source), name)
         device = tensor_parallel.rank_device(device)
     hf_model, tokenizer, _ = models.load(source, dtype=read_dtype(dtype, device), device=device)
     if not is_plan:

@@ -10,15 +10,17 @@ import sys
 
 import pytest
 import torch
+import torch.distributed as dist
 import torch.multiprocessing as mp
 from test_runtime_bf16 import NEW, PROMPTS
 
-from subfit.runtime import Runtime, load
+from subfit.runtime import Runtime, init_distributed, load
 from subfit.runtime.model import Attention, Bypass, FeedForward
 from subfit.runtime.tensor_parallel import ShardedBypass
 
 TP = 2
 MAX_SEQ_LEN = 64
+KERNEL_SEQ_LEN, KERNEL_NEW = 24, 6
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
@@ -48,10 +50,8 @@ def decode(runtime: Runtime, prompts: list[list[int]]) -> dict:
 
 def worker(rank: int, port: int, plans: dict, prompts: list[list[int]], out: str) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), LOCAL_RANK=str(rank),
-                      WORLD_SIZE=str(TP))
+                      WORLD_SIZE=str(TP), TRITON_INTERPRET="1")  # Triton on CPU, for the kernel path below
     torch.set_num_threads(1)
-    from subfit.runtime import init_distributed
-
     device = init_distributed("cpu")
     results = {}
     for name, plan in plans.items():
@@ -60,9 +60,13 @@ def worker(rank: int, port: int, plans: dict, prompts: list[list[int]], out: str
         results[name].update(sharded_bytes=sharded_bytes(runtime), kv_bytes=runtime.kv_cache_bytes())
         torch.manual_seed(rank)  # unseeded sampling: the ranks' own draws would differ
         results[name]["sampled"] = runtime.generate(prompts[0], 16, temperature=1.0, eos=[]).ids
-    torch.save(results, os.path.join(out, f"rank{rank}.pt"))
-    import torch.distributed as dist
+    # The Triton path (interpreted: few tokens) with this rank's heads and the unfused sharded bypass.
+    kernels = load(plans["p25"], device, "float32", max_seq_len=KERNEL_SEQ_LEN, use_kernels=True, tp=TP)
+    from subfit_kernels._common import INTERPRET  # read at import: here, after TRITON_INTERPRET is set
 
+    results["kernels"] = {"tokens": [kernels.generate(p, KERNEL_NEW, eos=[]).ids for p in prompts[:2]],
+                          "logits": kernels.prefill([prompts[0]]), "triton": INTERPRET}
+    torch.save(results, os.path.join(out, f"rank{rank}.pt"))
     dist.destroy_process_group()
 
 
@@ -110,6 +114,16 @@ def test_two_ranks_decode_like_one_process(plan, plans, prompt_ids, ranks):
     assert ranks[0][plan]["sampled"] == ranks[1][plan]["sampled"]  # rank 0's draw, broadcast
 
 
+def test_two_ranks_on_the_kernel_path(plans, prompt_ids, ranks):
+    single = load(plans["p25"], "cpu", "float32", max_seq_len=KERNEL_SEQ_LEN)
+    tokens = [single.generate(p, KERNEL_NEW, eos=[]).ids for p in prompt_ids[:2]]
+    logits = single.prefill([prompt_ids[0]])
+    for result in ranks:
+        assert result["kernels"]["triton"]  # the kernels ran, not their PyTorch references
+        assert result["kernels"]["tokens"] == tokens
+        assert (result["kernels"]["logits"] - logits).norm() / logits.norm() < 1e-5
+
+
 @pytest.mark.parametrize("plan", ["empty", "p25"])
 def test_each_rank_holds_half(plan, plans, ranks):
     single = load(plans[plan], "cpu", "float32", max_seq_len=MAX_SEQ_LEN)
@@ -148,3 +162,14 @@ def test_torchrun_cli_prints_once(stories_dir):
     assert run.returncode == 0, run.stderr
     assert run.stdout == prompt + single + "\n"
     assert run.stderr.count("tokens/s") == 1
+
+
+def test_cli_refusals_are_one_line(stories_dir, monkeypatch, capsys):
+    from subfit.cli import main
+
+    assert main(["generate", str(stories_dir), "--tp", "3", "--prompt", "x", "--device", "cpu"]) == 2
+    assert capsys.readouterr().err == ("subfit generate: error: tp=3 does not divide stories260K's 4 KV heads; "
+                                       "valid degrees: 1, 2, 4.\n")
+    monkeypatch.setenv("WORLD_SIZE", "2")  # as torchrun sets it, with --tp forgotten
+    assert main(["generate", str(stories_dir), "--prompt", "x", "--device", "cpu"]) == 2
+    assert "torchrun started 2 processes but --tp is 1; give --tp 2" in capsys.readouterr().err
