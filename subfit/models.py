@@ -98,6 +98,26 @@ def check_positions(limit: int | None, length: int, what: str) -> None:
                          f"give at most {limit}.")
 
 
+def _unreadable(source: ModelSource, error: OSError) -> FileNotFoundError:
+    """transformers' several-line explanation (a hub id it could not fetch, a missing file), in one line."""
+    return FileNotFoundError(f"Cannot load the model {source.describe()}: {cause(error)} Give a model folder (config, "
+                             "weights and tokenizer) or .gguf file, or a hub id that is cached or reachable.")
+
+
+def load_config(name: str | os.PathLike | ModelSource | None = None, *, trust_remote_code: bool = False):
+    """A model's config alone, its family checked: what can be refused before reading any weights."""
+    from transformers import AutoConfig
+
+    source = name if isinstance(name, ModelSource) else resolve_source(name)
+    kwargs = {"gguf_file": source.gguf_file} if source.gguf_file else {}
+    try:
+        config = AutoConfig.from_pretrained(source.path, trust_remote_code=trust_remote_code, **kwargs)
+    except OSError as e:
+        raise _unreadable(source, e) from None
+    check_family(config)
+    return config
+
+
 def load(
     name: str | os.PathLike | ModelSource | None = None,
     *,
@@ -106,21 +126,19 @@ def load(
     trust_remote_code: bool = False,
 ):
     """Load (model, tokenizer, source). The model is put in eval mode with SDPA attention."""
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM, AutoTokenizer
 
     device = check_device(device)
     source = name if isinstance(name, ModelSource) else resolve_source(name)
     kwargs = {"gguf_file": source.gguf_file} if source.gguf_file else {}
+    load_config(source, trust_remote_code=trust_remote_code)
     try:
-        config = AutoConfig.from_pretrained(source.path, trust_remote_code=trust_remote_code, **kwargs)
-        check_family(config)
         model = AutoModelForCausalLM.from_pretrained(
             source.path, dtype=dtype, attn_implementation="sdpa", trust_remote_code=trust_remote_code, **kwargs
         )
         tokenizer = AutoTokenizer.from_pretrained(source.path, trust_remote_code=trust_remote_code, **kwargs)
-    except OSError as e:  # transformers' several-line explanations: a hub id it could not fetch, a missing file
-        raise FileNotFoundError(f"Cannot load the model {source.describe()}: {cause(e)} Give a model folder (config, "
-                                "weights and tokenizer) or .gguf file, or a hub id that is cached or reachable.") from None
+    except OSError as e:
+        raise _unreadable(source, e) from None
     model.subfit_source = source  # where the weights came from: a plan made from this model records it
     return model.to(device).eval(), tokenizer, source
 
@@ -131,18 +149,23 @@ def source_of(model: nn.Module) -> ModelSource:
     return getattr(model, "subfit_source", None) or ModelSource(model.config._name_or_path or "unknown")
 
 
-def load_base(base: dict, override: str | os.PathLike | None = None, **kwargs):
-    """Load the base model a plan names (`plan.base`), or `override` when the plan has moved."""
+def base_source(base: dict, override: str | os.PathLike | None = None) -> ModelSource:
+    """Where the base model a plan names (`plan.base`) is now: `override` when the plan has moved."""
     if override is not None:
-        return load(override, **kwargs)
+        return resolve_source(override)
     source = ModelSource(base["path"], base.get("gguf_file"))
     located = Path(source.path) / (source.gguf_file or "config.json")
     if Path(source.path).is_absolute() and not located.exists():
         if source.gguf_file == _DEFAULT_GGUF:  # the default model, installed elsewhere now
-            return load(None, **kwargs)
+            return resolve_source(None)
         raise FileNotFoundError(f"The plan's base model {source.describe()} is not there any more; "
                                 "pass its new location (--base / base=).")
-    return load(source, **kwargs)
+    return source
+
+
+def load_base(base: dict, override: str | os.PathLike | None = None, **kwargs):
+    """Load the base model a plan names (`plan.base`), or `override` when the plan has moved."""
+    return load(base_source(base, override), **kwargs)
 
 
 class Decoder:

@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import argparse
+import io
+import os
 import sys
 import time
 from pathlib import Path
@@ -13,6 +15,7 @@ GENERATE_EXAMPLES = """examples:
   subfit generate plans/smollm2-25 --prompt "The capital of France is" --temperature 0.7 --top-p 0.9 --seed 0
   subfit generate ../shared/assets/models/stories260K --prompt "Once upon a time"   # a model: dense
   subfit generate plans/moved --base /new/place/of/the/model --prompt "Hi" --device cuda --dtype bfloat16
+  torchrun --nproc-per-node 2 -m subfit generate plans/llama-8b-25 --tp 2 --prompt "Hi"   # 2 GPUs, 1/2 each
 """
 BENCH_EXAMPLES = """examples:
   subfit bench                                   # the default model, dense: transformers vs runtime
@@ -51,6 +54,9 @@ def add_commands(subparsers) -> None:
     p.add_argument("--top-k", type=positive_int, default=None, help="sample from the k most likely tokens")
     p.add_argument("--top-p", type=probability, default=None, help="nucleus sampling mass, e.g. 0.9")
     p.add_argument("--seed", type=int, default=None, help="seed for sampling")
+    p.add_argument("--tp", type=positive_int, default=1,
+                   help="tensor-parallel degree: shard the model over this many processes, launched with "
+                        "torchrun --nproc-per-node N (NCCL on GPUs, gloo on CPU); rank 0 prints")
     p.set_defaults(run=run_generate)
 
     p = subparsers.add_parser("bench", help="decode latency: transformers vs the runtime (dense and plans)",
@@ -72,24 +78,39 @@ def _set_threads(args) -> None:
 
 
 def run_generate(args) -> int:
-    from subfit.runtime import load
+    import torch.distributed as dist
+
+    from subfit.runtime import init_distributed, load
 
     if (args.top_k is not None or args.top_p is not None) and args.temperature == 0:
         raise ValueError("--top-k/--top-p only apply when sampling: give --temperature > 0 as well.")
+    processes = int(os.environ.get("WORLD_SIZE", 1))  # set by torchrun
+    if args.tp == 1 and processes > 1:
+        raise ValueError(f"torchrun started {processes} processes but --tp is 1; give --tp {processes} "
+                         "(one process per shard).")
     _set_threads(args)
-    runtime = load(args.target, args.device, args.dtype, args.base, max_seq_len=args.max_seq_len)
-    steps = runtime.stream(args.prompt, args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
-                           top_p=args.top_p, seed=args.seed)  # checks the prompt and arguments before any output
-    start, count = time.perf_counter(), 0
-    sys.stdout.write(args.prompt)
-    for step in steps:
-        sys.stdout.write(step.text[0])
-        sys.stdout.flush()
-        count += 1
-    elapsed = time.perf_counter() - start
-    sys.stdout.write("\n")
-    print(f"[{count} tokens in {elapsed:.2f} s, {count / elapsed:.1f} tokens/s; KV cache "
-          f"{runtime.kv_cache_bytes() / 2**20:.1f} MiB]", file=sys.stderr)
+    device = init_distributed(args.device) if args.tp > 1 else args.device
+    try:
+        runtime = load(args.target, device, args.dtype, args.base, max_seq_len=args.max_seq_len, tp=args.tp)
+        steps = runtime.stream(args.prompt, args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
+                               top_p=args.top_p, seed=args.seed)  # checks the prompt and arguments before any output
+        printer = runtime.model.tp is None or runtime.model.tp.rank == 0  # every rank decodes; one prints
+        out = sys.stdout if printer else io.StringIO()
+        start, count = time.perf_counter(), 0
+        out.write(args.prompt)
+        for step in steps:
+            out.write(step.text[0])
+            out.flush()
+            count += 1
+        elapsed = time.perf_counter() - start
+        out.write("\n")
+        if printer:
+            print(f"[{count} tokens in {elapsed:.2f} s, {count / elapsed:.1f} tokens/s; KV cache "
+                  f"{runtime.kv_cache_bytes() / 2**20:.1f} MiB{'' if args.tp == 1 else ' per rank'}]",
+                  file=sys.stderr)
+    finally:
+        if args.tp > 1 and dist.is_initialized():
+            dist.destroy_process_group()
     return 0
 
 

@@ -16,6 +16,7 @@ from pathlib import Path
 
 import torch
 
+import subfit.runtime.tensor_parallel as tensor_parallel
 from subfit import models
 from subfit.devices import check_device, default_device
 from subfit.models import Decoder
@@ -117,21 +118,29 @@ class Runtime:
     @classmethod
     def from_hf(cls, hf_model, plan: Plan | None = None, tokenizer=None, *, max_seq_len: int | None = None,
                 batch_size: int = 1, use_kernels: bool | None = None, cuda_graph: bool | None = None,
-                dtype: torch.dtype | str | None = None) -> "Runtime":
+                dtype: torch.dtype | str | None = None, tp: int = 1) -> "Runtime":
         """Build from a loaded Hugging Face model, after checking that `plan` is valid and was made for
         it. `dtype` (default: the model's) is the matmul weights' and the KV cache's. Fused projections
-        and weights cast to `dtype` are copies; the other weights are shared with `hf_model`."""
+        and weights cast to `dtype` are copies; the other weights are shared with `hf_model`.
+        `tp` > 1 keeps this rank's share of the model (see `tensor_parallel`); every rank of the
+        process group calls this with the same arguments."""
+        if tp != 1:
+            tensor_parallel.check(tp, hf_model.config, tensor_parallel.model_name(*_source_parts(hf_model)))
         if plan is not None:
             plan.validate()
             plan.check_base(Decoder(hf_model))
         device = hf_model.get_input_embeddings().weight.device
         if use_kernels is None:  # the Triton interpreter on CPU is for tests: ask for it by name
             use_kernels = device.type == "cuda"
+        capturable = tp == 1 or tensor_parallel.graph_capturable()
         if cuda_graph is None:
-            cuda_graph = device.type == "cuda" and use_kernels
+            cuda_graph = device.type == "cuda" and use_kernels and capturable
         if cuda_graph and not (use_kernels and device.type == "cuda"):
             raise ValueError("cuda_graph=True needs a CUDA device and use_kernels=True (the PyTorch decode path "
                              "has data-dependent shapes).")
+        if cuda_graph and not capturable:
+            raise ValueError("cuda_graph=True with tp > 1 needs the NCCL backend, whose all-reduces a CUDA graph can "
+                             "capture; use cuda_graph=False with gloo.")
         limit = models.max_positions(hf_model.config)
         if max_seq_len is None:
             max_seq_len = min(limit or DEFAULT_MAX_SEQ_LEN, DEFAULT_MAX_SEQ_LEN)
@@ -142,6 +151,8 @@ class Runtime:
         if dtype is not None:
             dtype = parse_dtype(dtype, device)
         model = Transformer(hf_model, plan, max_seq_len=max_seq_len, use_kernels=use_kernels, dtype=dtype)
+        if tp > 1:
+            tensor_parallel.shard(model, tensor_parallel.TensorParallel())
         runtime = cls(model, tokenizer, plan, eos=_default_eos(hf_model, tokenizer), cuda_graph=cuda_graph)
         if batch_size != 1:
             runtime._setup(batch_size)
@@ -292,6 +303,8 @@ class Runtime:
         logits = self.prefill(rows)
         for i in range(max_new_tokens):
             tokens = sample(logits, temperature, top_k, top_p, generator)
+            if temperature and self.model.tp is not None:  # ranks without a seed draw differently: rank 0 decides
+                self.model.tp.broadcast(tokens)
             ids: list[int | None] = []
             texts: list[str] = []
             for b, token in enumerate(tokens.tolist()):
@@ -380,6 +393,11 @@ def _token_ids(values, what: str) -> list[int]:
     return [int(v) for v in values]
 
 
+def _source_parts(hf_model) -> tuple[str, str | None]:
+    source = models.source_of(hf_model)
+    return source.path, source.gguf_file
+
+
 def _default_eos(hf_model, tokenizer) -> list[int]:
     """EOS ids as `model.generate` would use them: the generation config's, else the tokenizer's."""
     eos = getattr(getattr(hf_model, "generation_config", None), "eos_token_id", None)
@@ -432,7 +450,7 @@ def _is_plan(target) -> bool:
 def load(plan: Plan | str | os.PathLike | None, device: str | torch.device | None = None,
          dtype: torch.dtype | str | None = None, base: str | os.PathLike | None = None, *,
          max_seq_len: int | None = None, batch_size: int = 1, use_kernels: bool | None = None,
-         cuda_graph: bool | None = None) -> Runtime:
+         cuda_graph: bool | None = None, tp: int = 1) -> Runtime:
     """Load a plan (directory or `Plan`) onto its base model and return a `Runtime` ready to decode.
 
     The base weights come from the path the plan names (`base=` overrides it for moved plans) and
@@ -440,15 +458,27 @@ def load(plan: Plan | str | os.PathLike | None, device: str | torch.device | Non
     id, .gguf file, or None for the default model) is loaded dense, i.e. with its empty plan.
     Defaults: CUDA if available (bfloat16, Triton kernels, CUDA graph), else CPU with bfloat16
     weights where the CPU has bf16 units and float32 elsewhere.
+
+    `tp` > 1 shards the model over that many processes (launched by torchrun, joined by
+    `init_distributed()`): each holds 1/tp of the attention heads, the FeedForward width, the bypass
+    ranks and the KV cache; embeddings, norms and the LM head are replicated (see `tensor_parallel`).
+    A degree that does not divide the model is refused before any weight is read; a bare "cuda"
+    device means each rank's own GPU.
     """
     device = check_device(default_device() if device is None else device)
     dtype = parse_dtype(dtype, device)
-    if _is_plan(plan):
+    is_plan = _is_plan(plan)
+    if is_plan:
         plan = plan if isinstance(plan, Plan) else Plan.load(plan)
-        hf_model, tokenizer, _ = models.load_base(plan.base, base, dtype=read_dtype(dtype, device), device=device)
+        source = models.base_source(plan.base, base)
     else:
-        hf_model, tokenizer, source = models.load(base if base is not None else plan, dtype=read_dtype(dtype, device),
-                                                  device=device)
+        source = models.resolve_source(base if base is not None else plan)
+    if tp != 1:
+        name = tensor_parallel.model_name(source.path, source.gguf_file)
+        tensor_parallel.check(tp, models.load_config(source), name)
+        device = tensor_parallel.rank_device(device)
+    hf_model, tokenizer, _ = models.load(source, dtype=read_dtype(dtype, device), device=device)
+    if not is_plan:
         plan = Plan.empty(Decoder(hf_model), source)
     return Runtime.from_hf(hf_model, plan, tokenizer, max_seq_len=max_seq_len, batch_size=batch_size,
-                           use_kernels=use_kernels, cuda_graph=cuda_graph, dtype=dtype)
+                           use_kernels=use_kernels, cuda_graph=cuda_graph, dtype=dtype, tp=tp)

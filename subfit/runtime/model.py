@@ -219,6 +219,7 @@ class Transformer(nn.Module):
         self.register_buffer("cos", cos[0, :, : self.head_dim // 2].float().contiguous(), persistent=False)
         self.register_buffer("sin", sin[0, :, : self.head_dim // 2].float().contiguous(), persistent=False)
         self.cache: CompactKVCache | None = None
+        self.tp = None  # this rank's `tensor_parallel.TensorParallel`, once `tensor_parallel.shard` has cut the model
 
     def setup_cache(self, batch_size: int) -> CompactKVCache:
         """Allocate the static compact cache for `batch_size` sequences and bind each attention to its slot."""
