@@ -1,11 +1,15 @@
 """The README's result tables, rendered from the committed results files.
 
-`python bench/readme_tables.py` prints every table; `tests/test_readme.py` fails when a table in
-README.md differs from its rendering, so a number in the README always comes from a results file.
+`python bench/readme_tables.py` prints every table and `--write` puts each into README.md under
+its `<!-- table:NAME -->` marker (the block up to the next blank line); `tests/test_readme.py`
+fails when a table in README.md differs from its rendering, so a number in the README always comes
+from a results file.
 """
 from __future__ import annotations
 
 import json
+import re
+import sys
 from pathlib import Path
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -49,7 +53,48 @@ def quality_table() -> str:
     return "\n".join(lines)
 
 
-TABLES = {"quality": quality_table}
+def _json(name: str) -> dict:
+    return json.loads((RESULTS / name).read_text())
+
+
+def quickstart_time() -> str:
+    """The quick start's measured cost (`compress_cpu.json`, job `self`)."""
+    job = _json("compress_cpu.json")["jobs"]["self"]
+    return (f"On the 2-core CPU this compress takes {job['seconds'] / 60:.1f} minutes including the model load "
+            f"(peak memory {job['peak_rss_gb']:.1f} GB); its plan measures {job['ppl_ratio']['0.25']:.2f}x dense "
+            "WikiText-2 perplexity (`bench/results/compress_cpu.md`).")
+
+
+def compress_table() -> str:
+    """What compress costs on the 2-core CPU: the quick start and one level on wiki_passages.txt."""
+    quick = _json("compress_cpu.json")["jobs"]["self"]
+    wiki = _json("compress_profile.json")["after"]
+    lines = ["| `subfit compress --sparsity 0.25` on SmolLM2-135M, 2-core CPU | time | peak memory | WikiText-2, x dense |",
+             "|---|---:|---:|---:|",
+             f"| calibration sampled from the model (80 x 256 tokens, the default) | {quick['seconds'] / 60:.1f} min | "
+             f"{quick['peak_rss_gb']:.1f} GB | {quick['ppl_ratio']['0.25']:.2f}x |",
+             f"| `--calib wiki_passages.txt` (272 x 512 tokens) | {(wiki['compress_s'] + wiki['load_s']) / 60:.1f} min | "
+             f"{wiki['peak_rss_gb']:.1f} GB | {wiki['wikitext2_ratio']:.2f}x |"]
+    return "\n".join(lines)
+
+
+def decode_table() -> str:
+    """Batch-1 decode of SmolLM2-135M on the CPU at 1 and 2 threads (`decode_cpu.json`)."""
+    data = _json("decode_cpu.json")
+    env, by_threads = data["environment"], data["models"]["SmolLM2-135M"]
+    threads = sorted(by_threads, key=int)
+    head = " | ".join(f"{t} thread{'s' * (int(t) > 1)}: tokens/s, x transformers, % roofline" for t in threads)
+    machine = (f"torch {env['torch']}, transformers {env['transformers']}, {env['processor']}, {env['cores']} cores, "
+               f"bf16 units: {', '.join(env['bf16_units']) or 'none'}")
+    lines = [f"| SmolLM2-135M, batch 1 ({machine}) | {head} |", "|---|" + "---:|" * len(threads)]
+    for i, row in enumerate(by_threads[threads[0]]):
+        cells = [by_threads[t][i] for t in threads]
+        lines.append(f"| {row['contender']} | " + " | ".join(
+            f"{r['tokens_per_s']:.1f}, {r['speedup']:.2f}x, {r['roofline']:.0%}" for r in cells) + " |")
+    return "\n".join(lines)
+
+
+TABLES = {"quickstart": quickstart_time, "decode": decode_table, "quality": quality_table, "compress": compress_table}
 
 
 def check(readme: Path) -> list[str]:
@@ -58,6 +103,16 @@ def check(readme: Path) -> list[str]:
     return [name for name, render in TABLES.items() if render() not in text]
 
 
+def write(readme: Path) -> None:
+    """Replace the block under each `<!-- table:NAME -->` marker of `readme` by its rendering."""
+    text = readme.read_text()
+    for name, render in TABLES.items():
+        text = re.sub(rf"(<!-- table:{name} -->\n)(?:.+\n)+", lambda m: m.group(1) + render() + "\n", text)
+    readme.write_text(text)
+
+
 if __name__ == "__main__":
+    if "--write" in sys.argv:
+        write(RESULTS.parents[1] / "README.md")
     for name, render in TABLES.items():
         print(f"<!-- table:{name} -->\n{render()}\n")

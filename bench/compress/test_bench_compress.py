@@ -79,18 +79,21 @@ def test_compress_cost_and_quality(job, benchmark, tmp_path):
                           for level, path in plans.items()}
     benchmark.extra_info.update(result)
     RESULTS[job] = result
-    if len(RESULTS) == len(JOBS):
-        write_results()
 
 
-def write_results() -> None:
+@pytest.fixture(scope="module", autouse=True)
+def write_results():
+    """After the jobs that ran (`-k self` runs one): their table."""
+    yield
+    if not RESULTS:
+        return
     import torch
 
     machine = f"{platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}, {torch.get_num_threads()} threads"
     names = {"self": "`subfit compress --sparsity 0.25` (text sampled from the model)",
              "levels": "`compress_levels` at 12.5%, 18.75%, 25%, 31.25%, 37.5% on wiki_passages.txt, one call"}
     lines = ["# Compress: cost and quality, SmolLM2-135M-Instruct, compress's defaults", "",
-             f"`pytest bench/compress --benchmark-only -s` on {machine}. Time includes loading the model; WikiText-2 "
+             f"`python -m pytest {' '.join(sys.argv[1:])}` on {machine}. Time includes loading the model; WikiText-2 "
              "perplexity (window 1024, first 16,384 tokens) as a ratio to the dense model.", "",
              "| job | time | peak memory | exact sparsity | WikiText-2, x dense |", "|---|---:|---:|---:|---:|"]
     for job, result in RESULTS.items():
