@@ -103,7 +103,7 @@ def test_lm_eval_command_runs_offline_on_a_plan(plan_dir, stories, reference, as
         expected = [continuation_logprob(reference, context_ids,
                                          tokenizer(context + " " + choice).input_ids[len(context_ids):])
                     for choice in doc["choices"]]
-        assert [ll for ll, _ in sample["filtered_resps"]] == pytest.approx(expected, rel=1e-4, abs=1e-4)
+        assert [float(ll) for ll, _ in sample["filtered_resps"]] == pytest.approx(expected, rel=1e-4, abs=1e-4)
         correct.append(int(max(range(len(expected)), key=expected.__getitem__) == doc["gold"]))
         assert int(sample["acc"]) == correct[-1]
     assert results["acc,none"] == pytest.approx(sum(correct) / 50)
