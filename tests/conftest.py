@@ -100,3 +100,12 @@ def small_plan(stories, tinystories_file):
         torch.set_num_threads(threads)
     assert "bypass" in plan.attn and "bypass" in plan.ffn, f"the tests need both kinds of bypass: {plan.layer_map()}"
     return plan
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """For modules of tiny models: threads only add overhead (and thrash on a busy machine)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

@@ -25,13 +25,7 @@ REPO = Path(__file__).resolve().parents[1]
 TASKS = REPO / "bench" / "tasks"
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """The model is tiny: threads only add overhead (and thrash on a busy machine)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # stories260K is tiny
 
 
 @pytest.fixture(scope="module")

@@ -34,12 +34,8 @@ FAMILIES = {
 
 
 @pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """The models here are tiny: threads only add overhead (and thrash on a busy machine)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+def tiny_models(one_thread):
+    """The models here are tiny: every module runs on one thread (tests/conftest.py)."""
 
 
 @pytest.fixture(scope="session")
