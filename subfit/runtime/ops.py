@@ -18,7 +18,8 @@ class Step:
 
     `positions` [B, T] are the cache positions (= RoPE positions) of the new tokens and
     `seq_lens` [B] int32 the valid cache length of each sequence after this pass. `kv_len` and
-    `mask` serve only the PyTorch decode path, which attends over `cache[:kv_len]` rather than
+    `mask` serve only the PyTorch decode path, which attends over `cache[:kv_len]` (and, with no
+    mask, i.e. sequences of equal length, writes the new token at `kv_len - 1`) rather than
     the whole static buffer (the Triton kernel reads `seq_lens` instead).
     """
 
@@ -36,7 +37,10 @@ class Step:
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-    """Hugging Face LlamaRMSNorm exactly: statistics in float32, scale in the input dtype."""
+    """Hugging Face LlamaRMSNorm exactly: statistics in float32, scale in the input dtype. On float32
+    (the PyTorch path's residual stream) that is `F.rms_norm`, one fused op instead of eight."""
+    if x.dtype == torch.float32 and weight.dtype == torch.float32:
+        return F.rms_norm(x, weight.shape, weight, eps)
     xf = x.float()
     return weight * (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)).to(x.dtype)
 
@@ -77,6 +81,9 @@ class TorchOps:
             t = k.shape[1]
             k_cache[:, :, :t] = k.transpose(1, 2)
             v_cache[:, :, :t] = v.transpose(1, 2)
+        elif step.mask is None:  # every sequence at position kv_len - 1: a plain slice write, no scatter
+            k_cache[:, :, step.kv_len - 1] = k[:, 0]
+            v_cache[:, :, step.kv_len - 1] = v[:, 0]
         else:
             k_cache[step.batch_index, :, step.positions] = k
             v_cache[step.batch_index, :, step.positions] = v

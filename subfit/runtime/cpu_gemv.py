@@ -1,0 +1,86 @@
+"""The bfloat16 matrix-vector product of batch-1 CPU decode, as a small C++ kernel built on first use.
+
+Every matmul of a batch-1 decode step is `W @ x` over a weight read once from memory, so the step
+runs at the rate one core streams weights. PyTorch's bfloat16 `torch.mv` leaves time on the table
+there: ~20 us of dispatch per call (121 calls per SmolLM2 token), and small matrices streamed at
+8-10 GB/s where float32's reach 13. `cpu_gemv.cpp` reads four rows side by side with a prefetch
+ahead, for ~3 us per call and 12-13 GB/s on one core (bench/results/decode_cpu.md has the effect on
+whole decode steps). float32 weights stay on `torch.mv` (MKL), which this kernel does not beat.
+
+The extension is compiled with the machine's C++ compiler the first time a process needs it
+(about half a minute; cached under TORCH_EXTENSIONS_DIR, ~/.cache/torch_extensions by default).
+Where it cannot be built or the CPU lacks the instructions, `gemv` is None and callers use
+`torch.mv`: slower, same results up to float32 summation order.
+"""
+from __future__ import annotations
+
+import functools
+import warnings
+from pathlib import Path
+
+import torch
+
+SOURCE = Path(__file__).with_suffix(".cpp")
+FLAGS = ["-O3", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512bf16", "-fopenmp"]
+
+
+def supported() -> bool:
+    """Whether this CPU has the instructions the kernel needs (AVX-512 with BF16 dot products)."""
+    caps = torch.cpu.get_capabilities() if hasattr(torch.cpu, "get_capabilities") else {}
+    return all(caps.get(name) for name in ("avx512_f", "avx512_bw", "avx512_vl", "avx512_bf16"))
+
+
+@functools.cache
+def _extension():
+    """The compiled module, or None (with one warning saying why) where it cannot be built."""
+    if not supported():
+        return None
+    try:
+        from torch.utils.cpp_extension import load
+
+        return load("subfit_cpu_gemv", [str(SOURCE)], extra_cflags=FLAGS, extra_ldflags=["-fopenmp"])
+    except Exception as e:  # no compiler or ninja: decode still works, on torch.mv
+        warnings.warn(f"subfit's CPU GEMV kernel could not be built ({type(e).__name__}: {str(e)[:200]}); "
+                      "CPU decode falls back to torch.mv, which is slower. Install a C++ compiler (g++) and "
+                      "ninja to get it.", RuntimeWarning, stacklevel=3)
+        return None
+
+
+def kernel_for(weight: torch.Tensor):
+    """The unchecked kernel `gemv_out(weight, x, bias, out)` if it serves this weight (2-D, contiguous,
+    bfloat16, on a CPU that has the instructions), else None; for callers that guarantee `gemv`'s
+    argument rules themselves, as `model.Dense` does. Builds the extension on first use."""
+    ok = (weight.device.type == "cpu" and weight.dtype == torch.bfloat16 and weight.dim() == 2
+          and weight.is_contiguous() and _extension() is not None)
+    return _extension().gemv_out if ok else None
+
+
+def gemv(weight: torch.Tensor, x: torch.Tensor, bias: torch.Tensor | None = None,
+         out: torch.Tensor | None = None) -> torch.Tensor:
+    """`weight @ x + bias` in bfloat16, summed in float32; `x` ([in], float32 or bfloat16) is rounded
+    to bfloat16 first, as in `torch.mv(weight, x.to(torch.bfloat16))`."""
+    rows, cols = weight.shape
+    bf16 = torch.bfloat16
+    if weight.dtype != bf16 or not weight.is_contiguous():
+        raise ValueError(f"weight must be a contiguous bfloat16 matrix, got {weight.dtype}")
+    if x.shape != (cols,) or x.dtype not in (torch.float32, bf16):
+        raise ValueError(f"x must be a [{cols}] float32 or bfloat16 vector for a {rows} x {cols} "
+                         f"weight, got {tuple(x.shape)} {x.dtype}")
+    if bias is not None and (bias.shape != (rows,) or bias.dtype != bf16 or not bias.is_contiguous()):
+        raise ValueError(f"bias must be a contiguous [{rows}] bfloat16 vector, got {tuple(bias.shape)} {bias.dtype}")
+    if out is None:
+        out = torch.empty(rows, dtype=bf16)
+    elif out.shape != (rows,) or out.dtype != bf16 or not out.is_contiguous():
+        raise ValueError(f"out must be a contiguous [{rows}] bfloat16 vector, got {tuple(out.shape)} {out.dtype}")
+    kernel = kernel_for(weight)
+    if kernel is None:
+        raise RuntimeError("subfit's CPU GEMV kernel is not available here (see the warning above, or "
+                           "cpu_gemv.supported()); use torch.mv")
+    kernel(weight, x, bias, out)
+    return out
+
+
+def gemv_reference(weight: torch.Tensor, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """The same product in float64 from the same rounded inputs (`gemv` sums in float32, then rounds)."""
+    y = weight.double() @ x.to(weight.dtype).double()
+    return y if bias is None else y + bias.double()
