@@ -93,7 +93,17 @@ def sample(logits: torch.Tensor, temperature: float = 0.0, top_k: int | None = N
         probs = ordered.softmax(dim=-1)
         drop = probs.cumsum(dim=-1) - probs >= top_p  # tokens after the nucleus; the top one always stays
         logits = logits.masked_fill(drop.scatter(-1, order, drop), float("-inf"))
-    return torch.multinomial(logits.softmax(dim=-1), 1, generator=generator)[:, 0]
+    return draw(logits.softmax(dim=-1), generator)
+
+
+def draw(probs: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+    """One token per row of `probs` [B, V] by inverting its cumulative distribution at a uniform draw:
+    B random numbers, where `torch.multinomial` draws one per vocabulary entry (74 ms a step for
+    80 x 49k on a CPU core, most of the time of sampling calibration text). A token of probability
+    0 is never drawn: the first entry whose running total exceeds the draw has mass."""
+    cdf = probs.double().cumsum(dim=-1)
+    u = torch.rand(probs.shape[0], 1, generator=generator, device=probs.device, dtype=torch.float64) * cdf[:, -1:]
+    return torch.searchsorted(cdf, u, right=True)[:, 0].clamp_max(probs.shape[-1] - 1)
 
 
 class Runtime:

@@ -96,6 +96,19 @@ def test_sample_filters():
     assert int(sample(logits)) == 0
 
 
+def test_sample_frequencies_follow_the_distribution():
+    """Temperature-1 draws over many rows at once: each token's frequency is its probability within
+    4 standard errors, and tokens of probability 0 (first, middle, last) never come up."""
+    probs = torch.tensor([0.0, 0.4, 0.0, 0.25, 0.2, 0.1, 0.05, 0.0])
+    rows = 20_000
+    logits = probs.log().expand(rows, -1)
+    tokens = sample(logits, 1.0, generator=torch.Generator().manual_seed(0))
+    counts = torch.bincount(tokens, minlength=len(probs)).double()
+    expected = probs.double() * rows
+    assert (counts[probs == 0] == 0).all()
+    assert ((counts - expected).abs() <= 4 * (expected * (1 - probs.double())).sqrt()).all()
+
+
 def test_hf_dropin_pads_finished_sequences(stories):
     model, tokenizer, _ = stories
     hf = Runtime.from_hf(model, None, tokenizer).as_hf()
