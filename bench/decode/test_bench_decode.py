@@ -35,6 +35,7 @@ from subfit.runtime import Runtime
 from subfit.runtime.bench import (HFContender, RuntimeContender, describe, dtype_name, environment, greedy_agreement,
                                   markdown_table, memory_bandwidth, shaped_plan, synchronize, synthetic_plan)
 from subfit.runtime.generate import parse_dtype, read_dtype
+from subfit.runtime.model import Dense
 
 ROOT = Path(__file__).resolve().parent
 RESULTS = ROOT.parents[1] / "bench" / "results"
@@ -63,6 +64,7 @@ ROWS: dict[str, dict[int, list[dict]]] = {}
 AGREEMENT: list[dict] = []
 OPS: dict[int, list[dict]] = {}
 PROFILED = [name for name, (kind, sparsity, _) in CONTENDERS.items() if kind == "eager" or kind == "runtime" and not sparsity]
+GEMV_LABEL = "subfit::cpu_gemv"  # the profiler range around the C++ GEMV kernel's calls
 MATMUL_OPS = {"aten::linear", "aten::matmul", "aten::t", "aten::mm", "aten::addmm", "aten::mv", "aten::addmv",
               "aten::addmv_"}
 
@@ -208,7 +210,7 @@ def _ops_lines() -> list[str]:
             lines.append(f"| {threads} | {r['contender']} | {r['ms']:.2f} | {r['matmul_ms']:.2f} ({r['matmul_calls']:.0f}) "
                          f"| {r['attention_ms']:.2f} | {r['other_ms']:.2f} ({r['other_ops']:.0f}) | "
                          f"{r['outside_ms']:.2f} |")
-    return lines + ["", "matmul = linear/mm/mv and their dispatch; other = norms, RoPE, cache writes, activations, "
+    return lines + ["", "matmul = linear/mm/mv, subfit's bf16 GEMV kernel (`cpu_gemv`) and their dispatch; other = norms, RoPE, cache writes, activations, "
                         "residual adds, sampling; outside ops = Python between ops (wall time less the ops' CPU time; "
                         "the profiler inflates both).", ""]
 
@@ -285,6 +287,20 @@ def test_default_dtype_follows_float32(benchmark):
     AGREEMENT.extend({"prompt": p, **r} for p, r in zip(prompts, results))
 
 
+def label_gemv_kernel(model) -> None:
+    """Make the C++ GEMV kernel's calls visible to torch.profiler (a pybind call is no aten op): each
+    `Dense` of this model calls it inside a profiler range named GEMV_LABEL."""
+    from torch.profiler import record_function
+
+    for dense in model.modules():
+        kernel = getattr(dense, "kernel", None)
+        if isinstance(dense, Dense) and kernel is not None:
+            def labelled(*args, _kernel=kernel):
+                with record_function(GEMV_LABEL):
+                    return _kernel(*args)
+            dense.kernel = labelled
+
+
 @pytest.mark.parametrize("threads", THREADS, ids=[f"{t}t" for t in THREADS])
 def test_decode_ops(benchmark, threads):
     """SmolLM2 decode steps under torch.profiler: time and op counts per token by kind of op (not
@@ -299,6 +315,8 @@ def test_decode_ops(benchmark, threads):
 
     def measure(name: str) -> dict:
         runner = contender(name, "SmolLM2-135M", model, source, max_seq_len=prompt + new)
+        if isinstance(runner, RuntimeContender):
+            label_gemv_kernel(runner.runtime.model)
         token = runner.prefill(ids)
         for _ in range(3):
             token = runner.decode(token)
@@ -311,10 +329,10 @@ def test_decode_ops(benchmark, threads):
         row = {"contender": name, "ms": wall / steps * 1e3, "matmul_ms": 0.0, "attention_ms": 0.0, "other_ms": 0.0,
                "matmul_calls": 0, "other_ops": 0}
         for event in prof.events():
-            kind = ("matmul" if event.name in MATMUL_OPS or event.name.startswith("mkldnn::")
+            kind = ("matmul" if event.name in MATMUL_OPS or event.name.startswith(("mkldnn::", GEMV_LABEL))
                     else "attention" if "scaled_dot_product" in event.name else "other")
             row[f"{kind}_ms"] += event.self_cpu_time_total / 1e3 / steps
-            if event.name in ("aten::mm", "aten::addmm", "aten::mv", "aten::addmv"):
+            if event.name in ("aten::mm", "aten::addmm", "aten::mv", "aten::addmv", GEMV_LABEL):
                 row["matmul_calls"] += 1 / steps
             elif kind == "other" and not event.cpu_children:
                 row["other_ops"] += 1 / steps

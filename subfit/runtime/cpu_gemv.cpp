@@ -3,7 +3,7 @@
 // A decode step is a chain of matrix-vector products over weights that do not fit in cache, so
 // its speed is the rate at which one core streams weights. Four rows are read side by side (four
 // independent streams in flight, each row's sums in its own AVX-512 register, AVX512-BF16 dot
-// products summing in float32) with a software prefetch ahead of them; a call costs ~3 us.
+// products summing in float32) with a software prefetch ahead of them; a call costs ~5 us.
 // Built on first use by subfit/runtime/cpu_gemv.py.
 #include <torch/extension.h>
 #include <ATen/Parallel.h>

@@ -2,15 +2,16 @@
 
 Every matmul of a batch-1 decode step is `W @ x` over a weight read once from memory, so the step
 runs at the rate one core streams weights. PyTorch's bfloat16 `torch.mv` leaves time on the table
-there: ~20 us of dispatch per call (121 calls per SmolLM2 token), and small matrices streamed at
-8-10 GB/s where float32's reach 13. `cpu_gemv.cpp` reads four rows side by side with a prefetch
-ahead, for ~3 us per call and 12-13 GB/s on one core (bench/results/decode_cpu.md has the effect on
-whole decode steps). float32 weights stay on `torch.mv` (MKL), which this kernel does not beat.
+there: ~25 us per call before any weight is read (121 calls per SmolLM2 token), and small matrices
+streamed at 8-9 GB/s where float32's reach 13-14. `cpu_gemv.cpp` reads four rows side by side with
+a prefetch ahead: ~5 us per call and 10-12 GB/s on those matrices (bench/results/gemv_cpu.md;
+docs/cpu_decode.md has the effect on whole decode steps). float32 weights stay on `torch.mv` (MKL),
+which already streams at the copy bandwidth.
 
 The extension is compiled with the machine's C++ compiler the first time a process needs it
 (about half a minute; cached under TORCH_EXTENSIONS_DIR, ~/.cache/torch_extensions by default).
-Where it cannot be built or the CPU lacks the instructions, `gemv` is None and callers use
-`torch.mv`: slower, same results up to float32 summation order.
+Where it cannot be built or the CPU lacks the instructions, `kernel_for` returns None and callers
+use `torch.mv`: slower, same results up to float32 summation order.
 """
 from __future__ import annotations
 
