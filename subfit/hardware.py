@@ -6,11 +6,17 @@ import contextlib
 import torch
 
 
+def cpu_has(*features: str) -> bool:
+    """Whether this CPU has every named instruction set (keys of `torch.cpu.get_capabilities()`,
+    e.g. "avx512_bf16"); False where torch cannot tell."""
+    caps = torch.cpu.get_capabilities() if hasattr(torch.cpu, "get_capabilities") else {}
+    return all(caps.get(feature) for feature in features)
+
+
 def cpu_bf16_units() -> list[str]:
     """This CPU's native bf16 matmul units ("AMX-BF16", "AVX512-BF16"), which oneDNN's bf16 kernels
     need to beat float32; empty where there are none (bf16 would then be emulated, and slower)."""
-    caps = torch.cpu.get_capabilities() if hasattr(torch.cpu, "get_capabilities") else {}
-    return [name for key, name in (("amx_bf16", "AMX-BF16"), ("avx512_bf16", "AVX512-BF16")) if caps.get(key)]
+    return [name for key, name in (("amx_bf16", "AMX-BF16"), ("avx512_bf16", "AVX512-BF16")) if cpu_has(key)]
 
 
 def fast_bf16(device: torch.device | str) -> bool:

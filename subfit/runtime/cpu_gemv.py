@@ -21,14 +21,15 @@ from pathlib import Path
 
 import torch
 
+from subfit.hardware import cpu_has
+
 SOURCE = Path(__file__).with_suffix(".cpp")
 FLAGS = ["-O3", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512bf16", "-fopenmp"]
 
 
 def supported() -> bool:
     """Whether this CPU has the instructions the kernel needs (AVX-512 with BF16 dot products)."""
-    caps = torch.cpu.get_capabilities() if hasattr(torch.cpu, "get_capabilities") else {}
-    return all(caps.get(name) for name in ("avx512_f", "avx512_bw", "avx512_vl", "avx512_bf16"))
+    return cpu_has("avx512_f", "avx512_bw", "avx512_vl", "avx512_bf16")
 
 
 @functools.cache
@@ -51,19 +52,20 @@ def kernel_for(weight: torch.Tensor):
     """The unchecked kernel `gemv_out(weight, x, bias, out)` if it serves this weight (2-D, contiguous,
     bfloat16, on a CPU that has the instructions), else None; for callers that guarantee `gemv`'s
     argument rules themselves, as `model.Dense` does. Builds the extension on first use."""
-    ok = (weight.device.type == "cpu" and weight.dtype == torch.bfloat16 and weight.dim() == 2
-          and weight.is_contiguous() and _extension() is not None)
-    return _extension().gemv_out if ok else None
+    if weight.device.type != "cpu" or weight.dtype != torch.bfloat16 or weight.dim() != 2 or not weight.is_contiguous():
+        return None
+    extension = _extension()
+    return None if extension is None else extension.gemv_out
 
 
 def gemv(weight: torch.Tensor, x: torch.Tensor, bias: torch.Tensor | None = None,
          out: torch.Tensor | None = None) -> torch.Tensor:
     """`weight @ x + bias` in bfloat16, summed in float32; `x` ([in], float32 or bfloat16) is rounded
     to bfloat16 first, as in `torch.mv(weight, x.to(torch.bfloat16))`."""
-    rows, cols = weight.shape
     bf16 = torch.bfloat16
-    if weight.dtype != bf16 or not weight.is_contiguous():
-        raise ValueError(f"weight must be a contiguous bfloat16 matrix, got {weight.dtype}")
+    if weight.dim() != 2 or weight.dtype != bf16 or not weight.is_contiguous():
+        raise ValueError(f"weight must be a contiguous 2-D bfloat16 matrix, got {tuple(weight.shape)} {weight.dtype}")
+    rows, cols = weight.shape
     if x.shape != (cols,) or x.dtype not in (torch.float32, bf16):
         raise ValueError(f"x must be a [{cols}] float32 or bfloat16 vector for a {rows} x {cols} "
                          f"weight, got {tuple(x.shape)} {x.dtype}")

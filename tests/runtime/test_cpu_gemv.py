@@ -62,6 +62,7 @@ def test_gemv_reads_a_strided_row():
 
 @pytest.mark.parametrize("bad, message", [
     (lambda w, x: (w.float(), x, None), "bfloat16 matrix"),
+    (lambda w, x: (w[None], x, None), "2-D bfloat16 matrix"),
     (lambda w, x: (w, x[:-1], None), "x must be"),
     (lambda w, x: (w, x.double(), None), "x must be"),
     (lambda w, x: (w, x, torch.zeros(3)), "bias must be"),
