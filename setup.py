@@ -9,7 +9,7 @@ setup(
     long_description_content_type="text/markdown",
     python_requires=">=3.10",
     packages=find_packages(include=["subfit", "subfit.*", "subfit_kernels", "subfit_kernels.*"]),
-    package_data={"subfit.runtime": ["*.cpp"]},  # the CPU GEMV kernel, compiled on first use
+    package_data={"subfit.runtime": ["*.cpp"]},  # the CPU decode kernels, compiled on first use
     # torch is a lower bound only: an installed torch (CPU wheel here, the user's CUDA build on a
     # GPU machine) always satisfies it, so pip never swaps it for another build.
     install_requires=[
@@ -22,7 +22,7 @@ setup(
         "safetensors>=0.4",
         "tqdm>=4.66",
         "rich>=13",
-        "ninja>=1.11",  # builds the CPU GEMV kernel (subfit/runtime/cpu_gemv.py) on first use
+        "ninja>=1.11",  # builds the CPU decode kernels (subfit/runtime/cpu_kernels.py) on first use
     ],
     extras_require={
         "dev": ["pytest>=8", "pytest-benchmark>=4", "matplotlib>=3.7"],

@@ -64,7 +64,8 @@ ROWS: dict[str, dict[int, list[dict]]] = {}
 AGREEMENT: list[dict] = []
 OPS: dict[int, list[dict]] = {}
 PROFILED = [name for name, (kind, sparsity, _) in CONTENDERS.items() if kind == "eager" or kind == "runtime" and not sparsity]
-GEMV_LABEL = "subfit::cpu_gemv"  # the profiler range around the C++ GEMV kernel's calls
+GEMV_LABEL = "subfit::cpu_gemv"  # the profiler ranges around the C++ kernels' calls
+NORM_LABEL = "subfit::cpu_add_rms_norm"
 MATMUL_OPS = {"aten::linear", "aten::matmul", "aten::t", "aten::mm", "aten::addmm", "aten::mv", "aten::addmv",
               "aten::addmv_"}
 
@@ -210,7 +211,7 @@ def _ops_lines() -> list[str]:
             lines.append(f"| {threads} | {r['contender']} | {r['ms']:.2f} | {r['matmul_ms']:.2f} ({r['matmul_calls']:.0f}) "
                          f"| {r['attention_ms']:.2f} | {r['other_ms']:.2f} ({r['other_ops']:.0f}) | "
                          f"{r['outside_ms']:.2f} |")
-    return lines + ["", "matmul = linear/mm/mv, subfit's bf16 GEMV kernel (`cpu_gemv`) and their dispatch; other = norms, RoPE, cache writes, activations, "
+    return lines + ["", "matmul = linear/mm/mv, subfit's bf16 GEMV kernel (`cpu_kernels`) and their dispatch; other = norms (subfit's add + RMSNorm kernel on CPU), RoPE, cache writes, activations, "
                         "residual adds, sampling; outside ops = Python between ops (wall time less the ops' CPU time; "
                         "the profiler inflates both).", ""]
 
@@ -287,18 +288,23 @@ def test_default_dtype_follows_float32(benchmark):
     AGREEMENT.extend({"prompt": p, **r} for p, r in zip(prompts, results))
 
 
-def label_gemv_kernel(model) -> None:
-    """Make the C++ GEMV kernel's calls visible to torch.profiler (a pybind call is no aten op): each
-    `Dense` of this model calls it inside a profiler range named GEMV_LABEL."""
+def label_cpu_kernels(model) -> None:
+    """Make the C++ kernels' calls visible to torch.profiler (a pybind call is no aten op): each
+    `Dense` of this model calls the GEMV inside a profiler range named GEMV_LABEL, its ops the
+    add + RMSNorm inside NORM_LABEL."""
     from torch.profiler import record_function
 
+    def labelled(kernel, label):
+        def call(*args):
+            with record_function(label):
+                return kernel(*args)
+        return call
+
     for dense in model.modules():
-        kernel = getattr(dense, "kernel", None)
-        if isinstance(dense, Dense) and kernel is not None:
-            def labelled(*args, _kernel=kernel):
-                with record_function(GEMV_LABEL):
-                    return _kernel(*args)
-            dense.kernel = labelled
+        if isinstance(dense, Dense) and dense.kernel is not None:
+            dense.kernel = labelled(dense.kernel, GEMV_LABEL)
+    if getattr(model.ops, "norm_kernel", None) is not None:
+        model.ops.norm_kernel = labelled(model.ops.norm_kernel, NORM_LABEL)
 
 
 @pytest.mark.parametrize("threads", THREADS, ids=[f"{t}t" for t in THREADS])
@@ -316,7 +322,7 @@ def test_decode_ops(benchmark, threads):
     def measure(name: str) -> dict:
         runner = contender(name, "SmolLM2-135M", model, source, max_seq_len=prompt + new)
         if isinstance(runner, RuntimeContender):
-            label_gemv_kernel(runner.runtime.model)
+            label_cpu_kernels(runner.runtime.model)
         token = runner.prefill(ids)
         for _ in range(3):
             token = runner.decode(token)

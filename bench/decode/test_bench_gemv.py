@@ -1,5 +1,5 @@
 """The matrix-vector product of batch-1 CPU decode, per weight shape: subfit's bf16 GEMV kernel
-(`subfit/runtime/cpu_gemv.py`) against `torch.mv` in bfloat16 and float32, at 1 and 2 threads.
+(`subfit/runtime/cpu_kernels.py`) against `torch.mv` in bfloat16 and float32, at 1 and 2 threads.
 
 Each case cycles through copies of its weight totalling 512 MiB or more, so every call streams its
 weight from memory as a decode step does (the caches never serve a repeat); the per-call cost shows
@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from subfit.runtime import cpu_gemv
+from subfit.runtime import cpu_kernels
 from subfit.runtime.bench import describe, environment, memory_bandwidth
 
 RESULTS = Path(__file__).resolve().parents[2] / "bench" / "results"
@@ -34,7 +34,7 @@ THREADS = (1, 2)
 ROWS: list[dict] = []
 _bandwidth: dict[int, float] = {}
 
-pytestmark = pytest.mark.skipif(not cpu_gemv.supported(), reason="the kernel needs AVX512-BF16")
+pytestmark = pytest.mark.skipif(not cpu_kernels.supported(), reason="the kernel needs AVX512-BF16")
 
 
 def weights(shape: tuple[int, int], dtype: torch.dtype) -> list[torch.Tensor]:
@@ -56,7 +56,7 @@ def test_gemv(benchmark, name, impl, threads):
         ws = weights(SHAPES[name], dtype)
         x = torch.randn(ws[0].shape[1])
         xd = x.to(dtype)
-        product = cpu_gemv.gemv if impl.startswith("subfit") else torch.mv
+        product = cpu_kernels.gemv if impl.startswith("subfit") else torch.mv
         calls = itertools.count()
 
         def call():

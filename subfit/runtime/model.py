@@ -24,7 +24,7 @@ from torch import nn
 from subfit.hardware import fast_bf16
 from subfit.models import Decoder
 from subfit.plan import Plan
-from subfit.runtime.cpu_gemv import kernel_for
+from subfit.runtime.cpu_kernels import kernel_for
 from subfit.runtime.kv_cache import CompactKVCache, slot_map
 from subfit.runtime.ops import KernelOps, Step, TorchOps, rms_norm
 
@@ -49,7 +49,7 @@ class Dense(nn.Module):
 
     On CPU a one-row input, i.e. every batch-1 decode matmul, is a matrix-vector product, which
     runs at the rate one core streams the weight: bfloat16 weights go to subfit's GEMV kernel
-    (`cpu_gemv`, ~5 us per call where `torch.mv`'s bfloat16 path costs ~25 us, and faster on small
+    (`cpu_kernels`, ~5 us per call where `torch.mv`'s bfloat16 path costs ~25 us, and faster on small
     matrices), float32 ones to `torch.mv` (MKL). The matmul path (`F.linear`, oneDNN) costs
     15-20 us per call there and is kept for prompts and batches.
     """
@@ -78,7 +78,8 @@ class Dense(nn.Module):
             out = torch.empty(*x.shape[:-1], self.weight.shape[0], dtype=self.dtype)
             self.kernel(self.weight, x.reshape(-1), self.bias, out.view(-1))
             return out
-        x = x.to(self.dtype)
+        if x.dtype != self.dtype:
+            x = x.to(self.dtype)
         if self.gemv and x.numel() == x.shape[-1]:
             row = x.view(-1)
             y = torch.mv(self.weight, row) if self.bias is None else torch.addmv(self.bias, self.weight, row)
@@ -190,7 +191,7 @@ class Transformer(nn.Module):
         self.stream_dtype = self.dtype if use_kernels else torch.float32
         attn_actions = plan.attn if plan is not None else ["keep"] * dec.num_layers
         ffn_actions = plan.ffn if plan is not None else ["keep"] * dec.num_layers
-        self.ops = KernelOps() if use_kernels else TorchOps()
+        self.ops = KernelOps() if use_kernels else TorchOps(weight.device)
         self.config = config
         self.max_seq_len = max_seq_len
         self.n_kv = config.num_key_value_heads

@@ -54,10 +54,16 @@ def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tenso
 
 
 class TorchOps:
-    """Plain PyTorch: few, large ops; writes into the static cache in place.
+    """Plain PyTorch: few, large ops; writes into the static cache in place. On a CPU where subfit's
+    C++ decode kernels build, the float32 stream's add + RMSNorm is one call (`cpu_kernels`).
 
     In every op the residual stream is `x + residual`, where the pending `x` may be None.
     """
+
+    def __init__(self, device: torch.device | str = "cpu"):
+        from subfit.runtime import cpu_kernels
+
+        self.norm_kernel = cpu_kernels.norm_kernel() if torch.device(device).type == "cpu" else None
 
     def prepare(self, step: Step, dtype: torch.dtype) -> Step:
         """Per-forward work that every layer would otherwise repeat: RoPE rows and a batch index."""
@@ -66,12 +72,19 @@ class TorchOps:
                        batch_index=torch.arange(step.positions.shape[0], device=step.positions.device)[:, None])
 
     def add_rms_norm(self, x, residual, weight, eps):
+        if (self.norm_kernel is not None and residual.dtype == weight.dtype == torch.float32
+                and residual.is_contiguous()
+                and (x is None or (x.dtype == torch.float32 and x.is_contiguous() and x.shape == residual.shape))):
+            h = residual if x is None else torch.empty_like(residual)
+            normed = torch.empty_like(residual)
+            self.norm_kernel(x, residual, weight, eps, h, normed)
+            return normed, h
         h = residual if x is None else x + residual
         return rms_norm(h, weight, eps), h
 
     def bypass(self, x, residual, norm_weight, eps, down, up, bias):
-        h = residual if x is None else x + residual
-        return h + ((rms_norm(h, norm_weight, eps) @ down) @ up + bias)
+        normed, h = self.add_rms_norm(x, residual, norm_weight, eps)
+        return h + ((normed @ down) @ up + bias)
 
     def rope_and_cache(self, qk, n_q, v, step: Step, k_cache, v_cache):
         """Rotate q and k together (one op chain for both), then store k and v at their positions."""
@@ -82,8 +95,8 @@ class TorchOps:
             k_cache[:, :, :t] = k.transpose(1, 2)
             v_cache[:, :, :t] = v.transpose(1, 2)
         elif step.mask is None:  # every sequence at position kv_len - 1: a plain slice write, no scatter
-            k_cache[:, :, step.kv_len - 1] = k[:, 0]
-            v_cache[:, :, step.kv_len - 1] = v[:, 0]
+            k_cache.select(2, step.kv_len - 1).copy_(k.select(1, 0))
+            v_cache.select(2, step.kv_len - 1).copy_(v.select(1, 0))
         else:
             k_cache[step.batch_index, :, step.positions] = k
             v_cache[step.batch_index, :, step.positions] = v

@@ -1,17 +1,22 @@
-"""The bfloat16 matrix-vector product of batch-1 CPU decode, as a small C++ kernel built on first use.
+"""The C++ kernels of batch-1 CPU decode, built on first use: a bfloat16 matrix-vector product and
+the fused residual add + RMSNorm.
 
 Every matmul of a batch-1 decode step is `W @ x` over a weight read once from memory, so the step
 runs at the rate one core streams weights. PyTorch's bfloat16 `torch.mv` leaves time on the table
 there: ~25 us per call before any weight is read (121 calls per SmolLM2 token), and small matrices
-streamed at 8-9 GB/s where float32's reach 13-14. `cpu_gemv.cpp` reads four rows side by side with
+streamed at 8-9 GB/s where float32's reach 13-14. `gemv_out` reads four rows side by side with
 a prefetch ahead: ~5 us per call and 10-12 GB/s on those matrices (bench/results/gemv_cpu.md;
 docs/cpu_decode.md has the effect on whole decode steps). float32 weights stay on `torch.mv` (MKL),
 which already streams at the copy bandwidth.
 
+Between the matmuls, every unit opens with a residual add and an RMSNorm of the float32 stream: as
+PyTorch ops nine dispatches, ~30 us with the caches cold from the weights just streamed, 61 times
+per SmolLM2 token; `add_rms_norm_out` does it in one call (docs/cpu_decode.md).
+
 The extension is compiled with the machine's C++ compiler the first time a process needs it
 (about half a minute; cached under TORCH_EXTENSIONS_DIR, ~/.cache/torch_extensions by default).
-Where it cannot be built or the CPU lacks the instructions, `kernel_for` returns None and callers
-use `torch.mv`: slower, same results up to float32 summation order.
+Where it cannot be built or the CPU lacks the instructions, `kernel_for` and `norm_kernel` return
+None and callers use PyTorch ops: slower, same results up to float32 summation order.
 """
 from __future__ import annotations
 
@@ -40,11 +45,11 @@ def _extension():
     try:
         from torch.utils.cpp_extension import load
 
-        return load("subfit_cpu_gemv", [str(SOURCE)], extra_cflags=FLAGS, extra_ldflags=["-fopenmp"])
-    except Exception as e:  # no compiler or ninja: decode still works, on torch.mv
-        warnings.warn(f"subfit's CPU GEMV kernel could not be built ({type(e).__name__}: {str(e)[:200]}); "
-                      "CPU decode falls back to torch.mv, which is slower. Install a C++ compiler (g++) and "
-                      "ninja to get it.", RuntimeWarning, stacklevel=3)
+        return load("subfit_cpu_kernels", [str(SOURCE)], extra_cflags=FLAGS, extra_ldflags=["-fopenmp"])
+    except Exception as e:  # no compiler or ninja: decode still works, on PyTorch ops
+        warnings.warn(f"subfit's CPU decode kernels could not be built ({type(e).__name__}: {str(e)[:200]}); "
+                      "CPU decode falls back to PyTorch ops, which are slower. Install a C++ compiler (g++) and "
+                      "ninja to get them.", RuntimeWarning, stacklevel=3)
         return None
 
 
@@ -77,8 +82,8 @@ def gemv(weight: torch.Tensor, x: torch.Tensor, bias: torch.Tensor | None = None
         raise ValueError(f"out must be a contiguous [{rows}] bfloat16 vector, got {tuple(out.shape)} {out.dtype}")
     kernel = kernel_for(weight)
     if kernel is None:
-        raise RuntimeError("subfit's CPU GEMV kernel is not available here (see the warning above, or "
-                           "cpu_gemv.supported()); use torch.mv")
+        raise RuntimeError("subfit's CPU decode kernels are not available here (see the warning above, or "
+                           "cpu_kernels.supported()); use torch.mv")
     kernel(weight, x, bias, out)
     return out
 
@@ -87,3 +92,41 @@ def gemv_reference(weight: torch.Tensor, x: torch.Tensor, bias: torch.Tensor | N
     """The same product in float64 from the same rounded inputs (`gemv` sums in float32, then rounds)."""
     y = weight.double() @ x.to(weight.dtype).double()
     return y if bias is None else y + bias.double()
+
+
+def norm_kernel():
+    """The unchecked `add_rms_norm_out(x | None, residual, weight, eps, h, normed)` where the extension
+    is built here, else None; for callers that guarantee `add_rms_norm`'s argument rules themselves,
+    as `ops.TorchOps` does. Builds the extension on first use."""
+    extension = _extension()
+    return None if extension is None else extension.add_rms_norm_out
+
+
+def add_rms_norm(x: torch.Tensor | None, residual: torch.Tensor, weight: torch.Tensor,
+                 eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """(RMSNorm(h) * weight, h) with h = x + residual (residual itself when x is None), float32, as
+    Hugging Face's LlamaRMSNorm computes it on a float32 stream."""
+    f32 = torch.float32
+    if residual.dtype != f32 or not residual.is_contiguous() or residual.dim() == 0:
+        raise ValueError(f"residual must be a contiguous float32 tensor, got {tuple(residual.shape)} {residual.dtype}")
+    n = residual.shape[-1]
+    if x is not None and (x.shape != residual.shape or x.dtype != f32 or not x.is_contiguous()):
+        raise ValueError(f"x must be a contiguous float32 tensor shaped like residual {tuple(residual.shape)}, "
+                         f"got {tuple(x.shape)} {x.dtype}")
+    if weight.shape != (n,) or weight.dtype != f32 or not weight.is_contiguous():
+        raise ValueError(f"weight must be a contiguous [{n}] float32 vector, got {tuple(weight.shape)} {weight.dtype}")
+    kernel = norm_kernel()
+    if kernel is None:
+        raise RuntimeError("subfit's CPU decode kernels are not available here (see the warning above, or "
+                           "cpu_kernels.supported()); use ops.rms_norm")
+    h = residual if x is None else torch.empty_like(residual)
+    normed = torch.empty_like(residual)
+    kernel(x, residual, weight, eps, h, normed)
+    return normed, h
+
+
+def add_rms_norm_reference(x: torch.Tensor | None, residual: torch.Tensor, weight: torch.Tensor,
+                           eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """The same in float64."""
+    h = residual.double() if x is None else x.double() + residual.double()
+    return weight.double() * h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps), h

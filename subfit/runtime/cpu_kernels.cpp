@@ -1,14 +1,21 @@
-// y = W x (+ b) for one row of activations, bfloat16 weights: the matmul of batch-1 CPU decode.
+// The two kernels of batch-1 CPU decode that PyTorch's own ops leave slow. Built on first use by
+// subfit/runtime/cpu_kernels.py.
 //
+// gemv_out: y = W x (+ b) for one row of activations, bfloat16 weights: the matmul of a decode step.
 // A decode step is a chain of matrix-vector products over weights that do not fit in cache, so
 // its speed is the rate at which one core streams weights. Four rows are read side by side (four
 // independent streams in flight, each row's sums in its own AVX-512 register, AVX512-BF16 dot
 // products summing in float32) with a software prefetch ahead of them; a call costs ~5 us.
-// Built on first use by subfit/runtime/cpu_gemv.py.
+//
+// add_rms_norm_out: h = x + residual, normed = RMSNorm(h) * weight on the float32 residual stream,
+// in one pass per row: the norm that opens every unit. As PyTorch ops it is eight dispatches
+// (F.rms_norm's mean, pow, rsqrt, casts ... and the add), ~30 us per call with the caches cold
+// from the weights streamed before it; here it is one call.
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
 #include <immintrin.h>
 
+#include <cmath>
 #include <vector>
 
 namespace {
@@ -67,8 +74,47 @@ void gemv_out(const torch::Tensor& weight, const torch::Tensor& x, const c10::op
   });
 }
 
+inline float sum_of_squares(const float* h, int64_t n) {
+  __m512 acc = _mm512_setzero_ps();
+  int64_t k = 0;
+  for (; k + 16 <= n; k += 16) {
+    const __m512 v = _mm512_loadu_ps(h + k);
+    acc = _mm512_fmadd_ps(v, v, acc);
+  }
+  if (k < n) {
+    const __m512 v = _mm512_maskz_loadu_ps((__mmask16)((1u << (n - k)) - 1), h + k);
+    acc = _mm512_fmadd_ps(v, v, acc);
+  }
+  return _mm512_reduce_add_ps(acc);
+}
+
+// Arguments are checked by the Python wrapper: residual, h and normed [rows, n] float32 and
+// contiguous, x likewise or absent (then h is residual itself), weight [n] float32.
+void add_rms_norm_out(const c10::optional<torch::Tensor>& x, const torch::Tensor& residual, const torch::Tensor& weight,
+                      double eps, torch::Tensor h, torch::Tensor normed) {
+  const int64_t n = weight.size(0), rows = residual.numel() / n;
+  const float* xs = x.has_value() ? x->data_ptr<float>() : nullptr;
+  const float* res = residual.data_ptr<float>();
+  const float* w = weight.data_ptr<float>();
+  float* hs = h.data_ptr<float>();
+  float* out = normed.data_ptr<float>();
+  at::parallel_for(0, rows, 16, [&](int64_t begin, int64_t end) {  // rows of a prompt split over threads
+    for (int64_t row = begin; row < end; row++) {
+      float* hr = hs + row * n;
+      if (xs != nullptr) {
+        for (int64_t k = 0; k < n; k++) hr[k] = xs[row * n + k] + res[row * n + k];
+      }
+      const float* src = xs != nullptr ? hr : res + row * n;
+      const float scale = 1.0f / std::sqrt(sum_of_squares(src, n) / static_cast<float>(n) + static_cast<float>(eps));
+      float* o = out + row * n;
+      for (int64_t k = 0; k < n; k++) o[k] = w[k] * (src[k] * scale);
+    }
+  });
+}
+
 }  // namespace
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("gemv_out", &gemv_out, "out = weight @ x (+ bias), one row, bfloat16 weight");
+  m.def("add_rms_norm_out", &add_rms_norm_out, "h = x + residual; normed = RMSNorm(h) * weight, float32 rows");
 }
