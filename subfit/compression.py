@@ -80,8 +80,8 @@ def compress_levels(model=None, levels: Sequence[float] = (0.25,), calib: Calibr
     chosen: list[tuple[float, Plan] | None] = [None] * len(levels)  # per level: (held-out loss, plan)
     losses: list[list[float]] = [[] for _ in levels]
     for draw in range(config.selection_draws):
-        scoring_ids, probe_ids = scoring_and_probe_ids(draw_order(fit_ids, draw, config.seed), dev.score_samples,
-                                                       dev.probe_samples)
+        scoring_ids, probe_ids = scoring_and_probe_ids(draw_order(fit_ids, draw, config.seed),
+                                                       dev.scoring_sequences(fit_ids.shape[0]), dev.probe_samples)
         selector = Selector(decoder, groups, sizes, ranks, config.ridge, scoring_ids, probe_ids, dev.shortlist,
                             walk_args, reuse_first_walk=dev.contiguous and len(levels) > 1)
         if dev.contiguous:
@@ -136,7 +136,7 @@ def peak_memory(decoder: Decoder, sequences: int, length: int, config: SubFitCon
         "one batch's activations": dev.batch_size * length * (3 * f + 6 * d) * 4,
         "one layer's statistics": 2 * unit_stats + dev.batch_size * length * 2 * d * 16,
         "candidate bypasses": n * (2 * d * (ranks["attn"] + ranks["ffn"]) + 2 * d) * 4,
-        "checkpoints (model's device)": CHECKPOINTS_PER_WALK * min(sequences, dev.score_samples) * length * d * 4,
+        "checkpoints (model's device)": CHECKPOINTS_PER_WALK * dev.scoring_sequences(sequences) * length * d * 4,
         "FeedForward statistics (model's device)": 2 * n * unit_stats,
     }
 
@@ -177,9 +177,12 @@ def _fit_bypasses(plan: Plan, decoder: Decoder, calib_ids: torch.Tensor, removed
         fits[(kind, layer)], errors[f"{kind}.{layer}"] = fit, stats.relative_error(fit.error)
         return as_bypass(fit)
 
-    with bf16_matmuls(device):  # the statistics stay float64, the residual stream float32
+    # The residual stream stays float32 and the running statistics float64; each batch's centred
+    # products are float32, which the bf16 matmuls' activations leave nothing to add to.
+    with bf16_matmuls(device):
         walk(decoder, calib_ids, actions={u: "bypass" for u in removed}, fit=final_fit, desc="fitting bypasses",
-             weights=token_weights, target="run", done=lambda unit, stats: None, **walk_args)
+             weights=token_weights, product_dtype=torch.float32, target="run", done=lambda unit, stats: None,
+             **walk_args)
     for (kind, layer), fit in sorted(fits.items(), key=lambda item: (item[0][1], item[0][0])):
         plan.set_bypass(kind, layer, as_bypass(fit))
     return errors

@@ -20,6 +20,7 @@ VALIDATION_SAMPLES = 16  # calibration sequences held out to choose between sele
 TEXT_CALIBRATION = (256 + VALIDATION_SAMPLES, 512)
 SAMPLED_CALIBRATION = (64 + VALIDATION_SAMPLES, 256)
 STEP = 1 / 32  # sparsity committed per scoring walk (4 walks at 12.5%, 8 at 25%, 12 at 37.5%)
+MAX_SCORE_SAMPLES = 64  # sequences per scoring walk at most; by default half the fitting sequences
 GRANULARITIES = ("unit", "layer")
 
 
@@ -107,7 +108,8 @@ class DevOptions:
 
     granularity="layer" removes whole layers, contiguous=True one contiguous run of units,
     bypass=False deletes the chosen units instead of fitting bypasses. The rest set the greedy:
-    `step` of sparsity committed per scoring walk, `score_samples` sequences per scoring walk,
+    `step` of sparsity committed per scoring walk, `score_samples` sequences per scoring walk (None:
+    half the fitting sequences, at most MAX_SCORE_SAMPLES, so that the draws score on other halves),
     `shortlist` units per walk re-ranked by their output KL on `probe_samples` held-out sequences,
     and `batch_size` sequences per forward of a walk (memory, not results)."""
 
@@ -115,7 +117,7 @@ class DevOptions:
     contiguous: bool = False
     bypass: bool = True
     step: float = STEP
-    score_samples: int = 64
+    score_samples: int | None = None
     probe_samples: int = 2
     shortlist: int = 24
     batch_size: int = 8
@@ -129,7 +131,12 @@ class DevOptions:
                  f"step={self.step!r} must be in (0, {MAX_SPARSITY}]: the sparsity committed per scoring walk.")
         for name in ("score_samples", "probe_samples", "shortlist", "batch_size"):
             value = getattr(self, name)
-            _require(_is_int(value) and value >= 1, f"{name}={value!r} must be a whole number >= 1.")
+            _require((value is None and name == "score_samples") or (_is_int(value) and value >= 1),
+                     f"{name}={value!r} must be a whole number >= 1.")
+
+    def scoring_sequences(self, fit_sequences: int) -> int:
+        """Sequences per scoring walk when `fit_sequences` are there to fit on."""
+        return self.score_samples or max(1, min(MAX_SCORE_SAMPLES, fit_sequences // 2))
 
     def record(self) -> dict:
         return asdict(self)

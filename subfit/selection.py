@@ -15,7 +15,7 @@ import torch
 
 from subfit.config import VALIDATION_SAMPLES
 from subfit.fitting import LinearFit, reduced_rank_fit
-from subfit.hardware import bf16_matmuls
+from subfit.hardware import bf16_matmuls, fast_bf16
 from subfit.models import UNIT_KINDS, Decoder
 from subfit.plan import Bypass, Plan
 from subfit.stats import Checkpoints, Unit, UnitStats, walk
@@ -27,7 +27,8 @@ def token_weights(hidden: torch.Tensor) -> torch.Tensor:
     """Per-token weights of the error metric: 1 / mean(h^2) of the residual stream the error is
     added to, i.e. the error as the next RMSNorm sees it. Unweighted, the few tokens that carry
     massive activations dominate every norm and all units look alike."""
-    return 1.0 / hidden.double().pow(2).mean(-1).clamp_min(1e-12)
+    mean_square = torch.linalg.vector_norm(hidden.float(), dim=-1).double().square() / hidden.shape[-1]
+    return 1.0 / mean_square.clamp_min(1e-12)
 
 
 def as_bypass(fit: LinearFit) -> Bypass:
@@ -217,14 +218,19 @@ def output_effects(
     for module in head:
         module.to(device)
 
-    def log_probs(h: torch.Tensor) -> torch.Tensor:
-        return torch.log_softmax(decoder.head(h[:, every - 1::every]).float(), -1)
+    def logits(h: torch.Tensor) -> torch.Tensor:
+        return decoder.head(h[:, every - 1::every]).float()
 
-    reference = log_probs(hidden)
+    # KL(p || q) = sum p log p - sum p z_q + logsumexp(z_q) for q = softmax(z_q): per candidate one
+    # product with the reference's probabilities and one logsumexp, no log-softmax of its own.
+    reference = torch.log_softmax(logits(hidden), -1)
+    probs = reference.exp()
+    entropy_term = (probs * reference).sum(-1)
     effects = {}
     for unit, h in zip(riders, stacked.split(rows)):
-        logp = log_probs(h)
-        effects[unit] = float((reference.exp() * (reference - logp)).sum(-1).mean())
+        z = logits(h)
+        kl = entropy_term - (probs * z).sum(-1) + torch.logsumexp(z, -1)
+        effects[unit] = float(kl.mean())
     for module in head:
         module.to(home)
     return effects
@@ -263,12 +269,13 @@ class Selector:
                  walk_args: dict, reuse_first_walk: bool):
         self.decoder, self.groups, self.sizes, self.ranks, self.ridge = decoder, groups, sizes, ranks, ridge
         self.scoring_ids, self.probe_ids, self.shortlist = scoring_ids, probe_ids, shortlist
-        # Scoring only ranks units: its matmuls run in bf16 where that is fast, and each batch's
-        # products of the (centred) statistics in float32; the running statistics stay float64 and
-        # the residual stream float32. The final fit keeps float64 products.
-        self.walk_args = dict(walk_args, weights=token_weights, product_dtype=torch.float32)
+        # Scoring only ranks units: its matmuls run in bf16 where that is fast, and so do each batch's
+        # products of the (centred) statistics; the running statistics stay float64 and the
+        # residual stream float32. The final fit forms float32 products.
         self.home = next(decoder.model.parameters()).device
         self.device = walk_args.get("device") or self.home
+        products = torch.bfloat16 if fast_bf16(self.device) else torch.float32
+        self.walk_args = dict(walk_args, weights=token_weights, product_dtype=products)
         self.checkpoint_every = math.ceil(decoder.num_layers / CHECKPOINTS_PER_WALK)
         self.walks = 0
         # The first walk (nothing removed) is the same for every level: kept, with its checkpoints,

@@ -4,7 +4,7 @@ import math
 
 import pytest
 
-from subfit.config import (SAMPLED_CALIBRATION, TEXT_CALIBRATION, VALIDATION_SAMPLES, DevOptions, SubFitConfig,
+from subfit.config import (MAX_SCORE_SAMPLES, SAMPLED_CALIBRATION, TEXT_CALIBRATION, VALIDATION_SAMPLES, DevOptions, SubFitConfig,
                            check_sparsity)
 
 
@@ -31,6 +31,17 @@ def test_bad_config_is_refused_with_what_to_do(fields, message):
 def test_bad_options_are_refused(fields):
     with pytest.raises(ValueError, match=next(iter(fields))):
         DevOptions(**fields)
+
+
+def test_scoring_walks_see_half_the_fitting_sequences_at_most_64():
+    """By default each scoring walk sees half the fitting sequences (so the draws score on other
+    halves of them), at most MAX_SCORE_SAMPLES; a set value wins."""
+    dev = DevOptions()
+    fit = {"sampled": SAMPLED_CALIBRATION[0] - VALIDATION_SAMPLES, "text": TEXT_CALIBRATION[0] - VALIDATION_SAMPLES}
+    assert dev.scoring_sequences(fit["sampled"]) == 32
+    assert dev.scoring_sequences(fit["text"]) == MAX_SCORE_SAMPLES == 64
+    assert dev.scoring_sequences(1) == 1
+    assert DevOptions(score_samples=48).scoring_sequences(fit["text"]) == 48
 
 
 def test_calibration_size_by_source():
