@@ -7,7 +7,8 @@
 // independent streams in flight, each row's sums in its own AVX-512 register, AVX512-BF16 dot
 // products summing in float32) with a software prefetch ahead of them; a call costs ~5 us.
 //
-// add_rms_norm_out: h = x + residual, normed = RMSNorm(h) * weight on the float32 residual stream,
+// add_rms_norm_out: h = x + residual, normed = RMSNorm(h) * weight on the float32 residual stream
+// (x float32, or the bfloat16 output of a bf16 decode's matmul),
 // in one pass per row: the norm that opens every unit. As PyTorch ops it is eight dispatches
 // (F.rms_norm's mean, pow, rsqrt, casts ... and the add), ~30 us per call with the caches cold
 // from the weights streamed before it; here it is one call.
@@ -88,12 +89,18 @@ inline float sum_of_squares(const float* h, int64_t n) {
   return _mm512_reduce_add_ps(acc);
 }
 
+template <typename T>
+void add_rows(const T* x, const float* residual, float* h, int64_t n) {
+  for (int64_t k = 0; k < n; k++) h[k] = static_cast<float>(x[k]) + residual[k];
+}
+
 // Arguments are checked by the Python wrapper: residual, h and normed [rows, n] float32 and
-// contiguous, x likewise or absent (then h is residual itself), weight [n] float32.
+// contiguous, x likewise (float32, or bfloat16 as a bf16 decode's matmuls give it) or absent
+// (then h is residual itself), weight [n] float32.
 void add_rms_norm_out(const c10::optional<torch::Tensor>& x, const torch::Tensor& residual, const torch::Tensor& weight,
                       double eps, torch::Tensor h, torch::Tensor normed) {
   const int64_t n = weight.size(0), rows = residual.numel() / n;
-  const float* xs = x.has_value() ? x->data_ptr<float>() : nullptr;
+  const bool has_x = x.has_value(), bf16_x = has_x && x->scalar_type() == at::kBFloat16;
   const float* res = residual.data_ptr<float>();
   const float* w = weight.data_ptr<float>();
   float* hs = h.data_ptr<float>();
@@ -101,10 +108,12 @@ void add_rms_norm_out(const c10::optional<torch::Tensor>& x, const torch::Tensor
   at::parallel_for(0, rows, 16, [&](int64_t begin, int64_t end) {  // rows of a prompt split over threads
     for (int64_t row = begin; row < end; row++) {
       float* hr = hs + row * n;
-      if (xs != nullptr) {
-        for (int64_t k = 0; k < n; k++) hr[k] = xs[row * n + k] + res[row * n + k];
+      if (bf16_x) {
+        add_rows(x->data_ptr<bf16>() + row * n, res + row * n, hr, n);
+      } else if (has_x) {
+        add_rows(x->data_ptr<float>() + row * n, res + row * n, hr, n);
       }
-      const float* src = xs != nullptr ? hr : res + row * n;
+      const float* src = has_x ? hr : res + row * n;
       const float scale = 1.0f / std::sqrt(sum_of_squares(src, n) / static_cast<float>(n) + static_cast<float>(eps));
       float* o = out + row * n;
       for (int64_t k = 0; k < n; k++) o[k] = w[k] * (src[k] * scale);

@@ -105,14 +105,15 @@ def norm_kernel():
 def add_rms_norm(x: torch.Tensor | None, residual: torch.Tensor, weight: torch.Tensor,
                  eps: float) -> tuple[torch.Tensor, torch.Tensor]:
     """(RMSNorm(h) * weight, h) with h = x + residual (residual itself when x is None), float32, as
-    Hugging Face's LlamaRMSNorm computes it on a float32 stream."""
+    Hugging Face's LlamaRMSNorm computes it on a float32 stream; x may be bfloat16 (a bf16 matmul's
+    output), added in float32."""
     f32 = torch.float32
     if residual.dtype != f32 or not residual.is_contiguous() or residual.dim() == 0:
         raise ValueError(f"residual must be a contiguous float32 tensor, got {tuple(residual.shape)} {residual.dtype}")
     n = residual.shape[-1]
-    if x is not None and (x.shape != residual.shape or x.dtype != f32 or not x.is_contiguous()):
-        raise ValueError(f"x must be a contiguous float32 tensor shaped like residual {tuple(residual.shape)}, "
-                         f"got {tuple(x.shape)} {x.dtype}")
+    if x is not None and (x.shape != residual.shape or x.dtype not in (f32, torch.bfloat16) or not x.is_contiguous()):
+        raise ValueError(f"x must be a contiguous float32 or bfloat16 tensor shaped like residual "
+                         f"{tuple(residual.shape)}, got {tuple(x.shape)} {x.dtype}")
     if weight.shape != (n,) or weight.dtype != f32 or not weight.is_contiguous():
         raise ValueError(f"weight must be a contiguous [{n}] float32 vector, got {tuple(weight.shape)} {weight.dtype}")
     kernel = norm_kernel()

@@ -55,7 +55,7 @@ def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tenso
 
 class TorchOps:
     """Plain PyTorch: few, large ops; writes into the static cache in place. On a CPU where subfit's
-    C++ decode kernels build, the float32 stream's add + RMSNorm is one call (`cpu_kernels`).
+    C++ decode kernels build, the add + RMSNorm of the float32 stream is one call (`cpu_kernels`).
 
     In every op the residual stream is `x + residual`, where the pending `x` may be None.
     """
@@ -74,7 +74,8 @@ class TorchOps:
     def add_rms_norm(self, x, residual, weight, eps):
         if (self.norm_kernel is not None and residual.dtype == weight.dtype == torch.float32
                 and residual.is_contiguous()
-                and (x is None or (x.dtype == torch.float32 and x.is_contiguous() and x.shape == residual.shape))):
+                and (x is None or (x.dtype in (torch.float32, torch.bfloat16) and x.is_contiguous()
+                                   and x.shape == residual.shape))):
             h = residual if x is None else torch.empty_like(residual)
             normed = torch.empty_like(residual)
             self.norm_kernel(x, residual, weight, eps, h, normed)

@@ -100,11 +100,11 @@ NORM_SHAPES = [(1, 1, 576), (3, 5, 577), (7, 1), (2, 15), (4, 16), (1, 17), (2, 
 
 
 @pytest.mark.parametrize("shape", NORM_SHAPES, ids=str)
-@pytest.mark.parametrize("with_x", [True, False], ids=["x_plus_residual", "residual_only"])
-def test_add_rms_norm_matches_float64(shape, with_x):
+@pytest.mark.parametrize("x_kind", ["x_f32", "x_bf16", "residual_only"])
+def test_add_rms_norm_matches_float64(shape, x_kind):
     torch.manual_seed(sum(shape))
     residual = torch.randn(shape) * 3
-    x = torch.randn(shape) if with_x else None
+    x = None if x_kind == "residual_only" else torch.randn(shape, dtype=torch.bfloat16 if x_kind == "x_bf16" else None)
     weight = torch.randn(shape[-1])
     normed, h = cpu_kernels.add_rms_norm(x, residual, weight, 1e-5)
     ref_normed, ref_h = cpu_kernels.add_rms_norm_reference(x, residual, weight, 1e-5)
@@ -150,7 +150,7 @@ def test_add_rms_norm_eps_dominates_a_zero_row():
     (lambda x, r, w: (x, r.double(), w), "residual must be"),
     (lambda x, r, w: (x, r.T, w), "residual must be"),
     (lambda x, r, w: (x[:, :-1], r, w), "x must be"),
-    (lambda x, r, w: (x.bfloat16(), r, w), "x must be"),
+    (lambda x, r, w: (x.double(), r, w), "x must be"),
     (lambda x, r, w: (x, r, w[:-1]), "weight must be"),
     (lambda x, r, w: (x, r, w.double()), "weight must be"),
 ])
@@ -161,8 +161,9 @@ def test_add_rms_norm_refuses_bad_arguments(bad, message):
 
 
 def test_torch_ops_use_the_kernel_for_float32_and_plain_ops_otherwise():
-    """The runtime's PyTorch path sends the float32 stream through the kernel and gives what
-    `rms_norm` gives; other dtypes and broadcast shapes take the plain ops."""
+    """The runtime's PyTorch path sends the float32 stream (with a float32 or bf16 unit output)
+    through the kernel and gives what `rms_norm` gives; other dtypes and broadcast shapes take the
+    plain ops."""
     ops = TorchOps("cpu")
     assert ops.norm_kernel is not None
     torch.manual_seed(1)
@@ -173,6 +174,10 @@ def test_torch_ops_use_the_kernel_for_float32_and_plain_ops_otherwise():
     wide = torch.randn(1, 4, 576)  # x broadcast over residual's rows: the plain ops
     normed, h = ops.add_rms_norm(x, wide, weight, 1e-5)
     assert torch.equal(h, x + wide) and torch.allclose(normed, rms_norm(x + wide, weight, 1e-5))
+    matmul_out = x.bfloat16()  # a bf16 decode: the unit's output in bf16, the stream in float32
+    normed, h = ops.add_rms_norm(matmul_out, residual, weight, 1e-5)
+    assert h.dtype == torch.float32 and torch.equal(h, matmul_out + residual)
+    assert rel_err(normed, rms_norm(matmul_out + residual, weight, 1e-5)) < F32_EPS
     half = residual.bfloat16()
     normed, _ = ops.add_rms_norm(None, half, weight.bfloat16(), 1e-5)
     assert normed.dtype == torch.bfloat16 and torch.equal(normed, rms_norm(half, weight.bfloat16(), 1e-5))
