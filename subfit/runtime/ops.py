@@ -11,6 +11,8 @@ from dataclasses import dataclass, replace
 import torch
 import torch.nn.functional as F
 
+from subfit.runtime.cpu_kernels import norm_kernel
+
 
 @dataclass(frozen=True)
 class Step:
@@ -61,9 +63,7 @@ class TorchOps:
     """
 
     def __init__(self, device: torch.device | str = "cpu"):
-        from subfit.runtime import cpu_kernels
-
-        self.norm_kernel = cpu_kernels.norm_kernel() if torch.device(device).type == "cpu" else None
+        self.norm_kernel = norm_kernel() if torch.device(device).type == "cpu" else None
 
     def prepare(self, step: Step, dtype: torch.dtype) -> Step:
         """Per-forward work that every layer would otherwise repeat: RoPE rows and a batch index."""
