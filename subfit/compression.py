@@ -9,7 +9,7 @@ import torch
 from subfit import calibration, models
 from subfit.config import DevOptions, SubFitConfig, check_sparsity
 from subfit.evaluation import mean_token_loss
-from subfit.fitting import LinearFit, fit_in_basis, reduced_rank_fit, shared_basis
+from subfit.fitting import LinearFit, fit_in_basis, reduced_rank_fit
 from subfit.hardware import bf16_matmuls
 from subfit.models import Decoder
 from subfit.plan import Bypass, Plan
@@ -90,7 +90,7 @@ def compress_levels(model=None, levels: Sequence[float] = (0.25,), calib: Calibr
             selected = selector.trajectory(quotas, int(dev.step * empty.block_params))
         del selector  # a walk's statistics and checkpoints are large: one draw's at a time
         for i, (sparsity, quota) in enumerate(zip(levels, quotas)):
-            removed, stats = selected[quota]
+            removed, basis = selected[quota]
             plan = Plan.empty(decoder, source)
             plan.method = {"name": "subfit", "sparsity": sparsity, "config": config.record(),
                            "options": dev.record(), "calibration": calib_info}
@@ -98,7 +98,7 @@ def compress_levels(model=None, levels: Sequence[float] = (0.25,), calib: Calibr
                 for kind, layer in removed:
                     plan.actions(kind)[layer] = "delete"
             elif removed:
-                plan.method["bypass_errors"] = _fit_bypasses(plan, decoder, fit_ids, removed, stats, ranks,
+                plan.method["bypass_errors"] = _fit_bypasses(plan, decoder, fit_ids, removed, basis, ranks,
                                                              config.ridge, walk_args)
             plan.validate()
             loss = 0.0
@@ -157,17 +157,13 @@ def _calibration(calib: Calibration, model, tokenizer, config: SubFitConfig) -> 
     return ids, calibration.describe(source, ids, config.seed)
 
 
-def _fit_bypasses(plan: Plan, decoder: Decoder, calib_ids: torch.Tensor, removed: list[Unit], basis_stats: dict,
-                  ranks: dict[str, int], ridge: float, walk_args: dict) -> dict[str, float]:
+def _fit_bypasses(plan: Plan, decoder: Decoder, calib_ids: torch.Tensor, removed: list[Unit],
+                  basis: torch.Tensor | None, ranks: dict[str, int], ridge: float, walk_args: dict) -> dict[str, float]:
     """One walk over all calibration sequences fitting every bypass on the inputs the compressed
-    earlier layers give it; the FeedForward bypasses share one input basis, taken from the
-    statistics of the removed FeedForward units in the scoring walk that chose them. Returns each
-    bypass's relative error."""
+    earlier layers give it; the FeedForward bypasses share one input `basis`, taken from the
+    scoring walk that chose them (`Selector.ffn_basis`). Returns each bypass's relative error."""
     device = walk_args.get("device") or next(decoder.model.parameters()).device
-    ffn_units = [u for u in removed if u[0] == "ffn"]
-    basis = None
-    if ffn_units:
-        basis = shared_basis([basis_stats[u].moments() for u in ffn_units], ranks["ffn"], ridge).to(device)
+    basis = basis.to(device) if basis is not None else None
     fits: dict[Unit, LinearFit] = {}
     errors: dict[str, float] = {}
 

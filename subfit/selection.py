@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import torch
 
 from subfit.config import VALIDATION_SAMPLES
-from subfit.fitting import LinearFit, reduced_rank_fit
+from subfit.fitting import LinearFit, reduced_rank_fit, shared_basis
 from subfit.hardware import bf16_matmuls, fast_bf16
 from subfit.models import UNIT_KINDS, Decoder
 from subfit.plan import Bypass, Plan
@@ -352,19 +352,27 @@ class Selector:
         self.last = current
         return scores
 
-    def trajectory(self, quotas: list[int], step: int) -> dict[int, tuple[list[Unit], dict[Unit, UnitStats]]]:
+    def ffn_basis(self, removed: list[Unit]) -> torch.Tensor | None:
+        """The input basis [d, rank] the removed FeedForwards' bypasses share, from the last walk's
+        statistics of them (None when no FeedForward is removed). Taken when a level finishes, so
+        a level keeps 1 MB-sized bases rather than the ~5 MB statistics of each removed unit."""
+        units = [u for u in removed if u[0] == "ffn"]
+        if not units:
+            return None
+        return shared_basis([self.last.ffn_stats[u].moments() for u in units], self.ranks["ffn"], self.ridge)
+
+    def trajectory(self, quotas: list[int], step: int) -> dict[int, tuple[list[Unit], torch.Tensor | None]]:
         """One greedy trajectory serving every quota (parameters to remove): each walk commits the
         safest groups by damage per parameter until `step` more parameters are removed. A quota
         finishes at the walk where it would be reached (or passed by the walk's commit): that walk's
         best mix for the room left (`greedy_select`) completes it. The trajectory does not depend on
         the quotas, so several levels share its walks and each is what it would be alone.
 
-        Returns, per quota, the removed units and the finishing walk's statistics of the removed
-        FeedForwards (their shared basis)."""
+        Returns, per quota, the removed units and their FeedForwards' shared basis (`ffn_basis`)."""
         removed: list[Unit] = []
         used, mark, done = 0, 0, {}
         open_quotas = sorted(q for q in set(quotas) if q > 0)
-        done.update({q: ([], {}) for q in quotas if q <= 0})
+        done.update({q: ([], None) for q in quotas if q <= 0})
         while open_quotas:
             mark += step
             scores = self.score(removed, every_group=False)
@@ -376,15 +384,15 @@ class Selector:
             after = used + sum(self.sizes[g] for g in commit)
             for quota in [q for q in open_quotas if q <= mark or after > q]:
                 finished = removed + [u for g in greedy_select(scores, self.sizes, quota - used) for u in g]
-                done[quota] = finished, {u: self.last.ffn_stats[u] for u in finished if u[0] == "ffn"}
+                done[quota] = finished, self.ffn_basis(finished)
                 open_quotas.remove(quota)
             removed += [u for g in commit for u in g]
             used = after
         return done
 
-    def window(self, quota: int) -> tuple[list[Unit], dict[Unit, UnitStats]]:
+    def window(self, quota: int) -> tuple[list[Unit], torch.Tensor | None]:
         """The contiguous ablation: the best run of groups under `quota`, scored in one walk."""
         scores = self.score([], every_group=True)
         order = [g for g in self.groups if g in scores]
         removed = [u for g in best_window(order, scores, self.sizes, quota) for u in g]
-        return removed, {u: self.last.ffn_stats[u] for u in removed if u[0] == "ffn"}
+        return removed, self.ffn_basis(removed)

@@ -15,20 +15,43 @@ import json
 import platform
 import resource
 import sys
+import threading
 import time
 from pathlib import Path
 
+OUTSIDE = "fits, packing and the rest"
 
-def timed(module, name: str, phase: str, log: dict) -> None:
-    """Replace `module.name` by a wrapper that adds its wall time to `log[phase]`."""
+
+class MemoryByPhase:
+    """Peak resident memory per phase, sampled from /proc every 50 ms by a daemon thread, so the
+    report says where the peak is, not only how high."""
+
+    def __init__(self):
+        self.phase = OUTSIDE
+        self.peak: dict[str, float] = {}
+        threading.Thread(target=self._sample, daemon=True).start()
+
+    def _sample(self) -> None:
+        while True:
+            with open("/proc/self/statm") as f:
+                rss = int(f.read().split()[1]) * resource.getpagesize() / 2**30
+            self.peak[self.phase] = max(self.peak.get(self.phase, 0.0), rss)
+            time.sleep(0.05)
+
+
+def timed(module, name: str, phase: str, log: dict, memory: MemoryByPhase) -> None:
+    """Replace `module.name` by a wrapper that adds its wall time to `log[phase]` and names the
+    phase for `memory` while it runs."""
     original = getattr(module, name)
 
     @functools.wraps(original)
     def wrapper(*args, **kwargs):
-        start = time.perf_counter()
+        start, outer = time.perf_counter(), memory.phase
+        memory.phase = phase
         try:
             return original(*args, **kwargs)
         finally:
+            memory.phase = outer
             log.setdefault(phase, []).append(time.perf_counter() - start)
 
     setattr(module, name, wrapper)
@@ -54,17 +77,20 @@ def main(argv: list[str]) -> int:
     from subfit.config import DevOptions, SubFitConfig
 
     phases: dict[str, list[float]] = {}
-    timed(calibration, "load_calibration", "calibration", phases)
-    timed(selection, "walk", "scoring walks", phases)
-    timed(selection, "output_effects", "output-KL probes", phases)
-    timed(compression, "mean_token_loss", "draws' held-out loss", phases)
-    timed(compression, "_fit_bypasses", "final fitting walk", phases)
+    memory = MemoryByPhase()
+    timed(calibration, "load_calibration", "calibration", phases, memory)
+    timed(selection, "walk", "scoring walks", phases, memory)
+    timed(selection, "output_effects", "output-KL probes", phases, memory)
+    timed(compression, "mean_token_loss", "draws' held-out loss", phases, memory)
+    timed(compression, "_fit_bypasses", "final fitting walk", phases, memory)
     overrides = {k: json.loads(v) for k, v in (item.split("=", 1) for item in args.set)}
     config_fields = {f.name for f in fields(SubFitConfig)}
     config = SubFitConfig(**{k: v for k, v in overrides.items() if k in config_fields})
     dev = DevOptions(**{k: v for k, v in overrides.items() if k not in config_fields})
     start = time.perf_counter()
+    memory.phase = "model load"
     model, tokenizer, _ = models.load(None)
+    memory.phase = OUTSIDE
     loaded = time.perf_counter()
     plans = compression.compress_levels(model, args.sparsity, args.calib, tokenizer=tokenizer, config=config,
                                         dev=dev, progress=False)
@@ -84,17 +110,19 @@ def main(argv: list[str]) -> int:
                    "selection": p.method.get("selection")} for p in plans],
     }
     accounted = sum(v["seconds"] for v in result["phases"].values())
-    result["phases"]["fits, packing and the rest"] = {"seconds": total - accounted, "calls": 1}
+    result["phases"][OUTSIDE] = {"seconds": total - accounted, "calls": 1}
+    for name, value in result["phases"].items():
+        value["peak_rss_gb"] = memory.peak.get(name)
     print(json.dumps(result, indent=1))
     if args.out:
         Path(f"{args.out}.json").write_text(json.dumps(result, indent=1) + "\n")
-        rows = [f"| {name} | {v['calls']} | {v['seconds']:.0f} s | {v['seconds'] / total:.0%} |"
-                for name, v in result["phases"].items()]
+        rows = [f"| {name} | {v['calls']} | {v['seconds']:.0f} s | {v['seconds'] / total:.0%} | "
+                f"{v['peak_rss_gb'] or 0:.2f} GB |" for name, v in result["phases"].items()]
         Path(f"{args.out}.md").write_text("\n".join([
             f"# Where compress spends its time: SmolLM2-135M-Instruct at {', '.join(map(str, args.sparsity))}", "",
             f"`{result['command']}` on {result['machine']}: compress {total:.0f} s ({total / 60:.1f} min), model "
             f"load {result['load_s']:.0f} s, peak resident memory {result['peak_rss_gb']:.2f} GB.", "",
-            "| phase | calls | time | share |", "|---|---:|---:|---:|", *rows, ""]))
+            "| phase | calls | time | share | peak memory |", "|---|---:|---:|---:|---:|", *rows, ""]))
     return 0
 
 
