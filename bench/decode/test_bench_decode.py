@@ -66,6 +66,7 @@ OPS: dict[int, list[dict]] = {}
 PROFILED = [name for name, (kind, sparsity, _) in CONTENDERS.items() if kind == "eager" or kind == "runtime" and not sparsity]
 GEMV_LABEL = "subfit::cpu_gemv"  # the profiler ranges around the C++ kernels' calls
 NORM_LABEL = "subfit::cpu_add_rms_norm"
+UNIT_LABEL = "subfit::cpu_decode_unit"  # a whole unit in one C++ call (its SDPA stays visible as attention)
 MATMUL_OPS = {"aten::linear", "aten::matmul", "aten::t", "aten::mm", "aten::addmm", "aten::mv", "aten::addmv",
               "aten::addmv_"}
 
@@ -204,14 +205,17 @@ def _ops_lines() -> list[str]:
     if not OPS:
         return []
     lines = ["## Where a SmolLM2-135M decode step's time goes (torch.profiler, per token)", "",
-             "| threads | contender | profiled ms/token | matmul ms (calls) | attention ms | other ops ms (ops) | "
-             "outside ops ms |", "|---:|---|---:|---:|---:|---:|---:|"]
+             "| threads | contender | profiled ms/token | matmul ms (calls) | whole-unit kernels ms (calls) | "
+             "attention ms | other ops ms (ops) | outside ops ms |", "|---:|---|---:|---:|---:|---:|---:|---:|"]
     for threads, rows in OPS.items():
         for r in rows:
             lines.append(f"| {threads} | {r['contender']} | {r['ms']:.2f} | {r['matmul_ms']:.2f} ({r['matmul_calls']:.0f}) "
-                         f"| {r['attention_ms']:.2f} | {r['other_ms']:.2f} ({r['other_ops']:.0f}) | "
-                         f"{r['outside_ms']:.2f} |")
-    return lines + ["", "matmul = linear/mm/mv, subfit's bf16 GEMV kernel (`cpu_kernels`) and their dispatch; other = norms (subfit's add + RMSNorm kernel on CPU), RoPE, cache writes, activations, "
+                         f"| {r['unit_ms']:.2f} ({r['unit_calls']:.0f}) | {r['attention_ms']:.2f} | "
+                         f"{r['other_ms']:.2f} ({r['other_ops']:.0f}) | {r['outside_ms']:.2f} |")
+    return lines + ["", "matmul = linear/mm/mv, subfit's bf16 GEMV kernel (`cpu_kernels`) and their dispatch; whole-unit "
+                        "kernels = a bf16 step's attention, FeedForward and bypass units, each one C++ call (`cpu_kernels`: "
+                        "norm, matmuls, RoPE, cache write, activation, residual add; its SDPA is counted as attention); "
+                        "other = norms (subfit's add + RMSNorm kernel on CPU), RoPE, cache writes, activations, "
                         "residual adds, sampling; outside ops = Python between ops (wall time less the ops' CPU time; "
                         "the profiler inflates both).", ""]
 
@@ -291,7 +295,7 @@ def test_default_dtype_follows_float32(benchmark):
 def label_cpu_kernels(model) -> None:
     """Make the C++ kernels' calls visible to torch.profiler (a pybind call is no aten op): each
     `Dense` of this model calls the GEMV inside a profiler range named GEMV_LABEL, its ops the
-    add + RMSNorm inside NORM_LABEL."""
+    add + RMSNorm inside NORM_LABEL, its units their whole-unit kernels inside UNIT_LABEL."""
     from torch.profiler import record_function
 
     def labelled(kernel, label):
@@ -300,9 +304,11 @@ def label_cpu_kernels(model) -> None:
                 return kernel(*args)
         return call
 
-    for dense in model.modules():
-        if isinstance(dense, Dense) and dense.kernel is not None:
-            dense.kernel = labelled(dense.kernel, GEMV_LABEL)
+    for module in model.modules():
+        if isinstance(module, Dense) and module.kernel is not None:
+            module.kernel = labelled(module.kernel, GEMV_LABEL)
+        if getattr(module, "decode_kernel", None) is not None:
+            module.decode_kernel = labelled(module.decode_kernel, UNIT_LABEL)
     if getattr(model.ops, "norm_kernel", None) is not None:
         model.ops.norm_kernel = labelled(model.ops.norm_kernel, NORM_LABEL)
 
@@ -332,17 +338,20 @@ def test_decode_ops(benchmark, threads):
             for _ in range(steps):
                 token = runner.decode(token)
             wall = time.perf_counter() - start
-        row = {"contender": name, "ms": wall / steps * 1e3, "matmul_ms": 0.0, "attention_ms": 0.0, "other_ms": 0.0,
-               "matmul_calls": 0, "other_ops": 0}
+        row = {"contender": name, "ms": wall / steps * 1e3, "matmul_ms": 0.0, "unit_ms": 0.0, "attention_ms": 0.0,
+               "other_ms": 0.0, "matmul_calls": 0, "unit_calls": 0, "other_ops": 0}
         for event in prof.events():
             kind = ("matmul" if event.name in MATMUL_OPS or event.name.startswith(("mkldnn::", GEMV_LABEL))
+                    else "unit" if event.name == UNIT_LABEL
                     else "attention" if "scaled_dot_product" in event.name else "other")
             row[f"{kind}_ms"] += event.self_cpu_time_total / 1e3 / steps
             if event.name in ("aten::mm", "aten::addmm", "aten::mv", "aten::addmv", GEMV_LABEL):
                 row["matmul_calls"] += 1 / steps
+            elif kind == "unit":
+                row["unit_calls"] += 1 / steps
             elif kind == "other" and not event.cpu_children:
                 row["other_ops"] += 1 / steps
-        row["outside_ms"] = row["ms"] - row["matmul_ms"] - row["attention_ms"] - row["other_ms"]
+        row["outside_ms"] = row["ms"] - row["matmul_ms"] - row["unit_ms"] - row["attention_ms"] - row["other_ms"]
         return row
 
     OPS[threads] = benchmark.pedantic(lambda: [measure(name) for name in PROFILED], rounds=1, iterations=1)

@@ -1,4 +1,4 @@
-// The two kernels of batch-1 CPU decode that PyTorch's own ops leave slow. Built on first use by
+// The kernels of batch-1 CPU decode that PyTorch's own ops leave slow. Built on first use by
 // subfit/runtime/cpu_kernels.py.
 //
 // gemv_out: y = W x (+ b) for one row of activations, bfloat16 weights: the matmul of a decode step.
@@ -12,6 +12,13 @@
 // in one pass per row: the norm that opens every unit. As PyTorch ops it is eight dispatches
 // (F.rms_norm's mean, pow, rsqrt, casts ... and the add), ~30 us per call with the caches cold
 // from the weights streamed before it; here it is one call.
+//
+// attention_decode, feed_forward_decode, bypass_decode: a whole unit of one decode step (batch 1,
+// one token) in one call, from the pending x and the residual to the next residual, fully summed
+// in float32. As PyTorch ops a unit is 10-30 dispatches of tiny tensors, each costing more than
+// its work: together they were a third of a bf16 step on SmolLM2. Inside, the activations between
+// the matmuls stay float32 and are rounded to bfloat16 only where a bf16 matmul or the bf16 KV
+// cache reads them.
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
 #include <immintrin.h>
@@ -49,30 +56,74 @@ void rows_dot(const bf16* w, int64_t n, const bf16* x, float* out) {
   for (int r = 0; r < R; r++) out[r] = _mm512_reduce_add_ps(acc[r]);
 }
 
-// Arguments are checked by the Python wrapper: weight [rows, n] and out [rows] bfloat16, x [n]
-// float32 or bfloat16 (rounded to bfloat16 to nearest even, as x.to(torch.bfloat16) does).
-void gemv_out(const torch::Tensor& weight, const torch::Tensor& x, const c10::optional<torch::Tensor>& bias,
-              torch::Tensor out) {
-  const int64_t rows = weight.size(0), n = weight.size(1);
-  std::vector<bf16> xv((n + WIDTH - 1) / WIDTH * WIDTH, bf16(0.0f));
-  const auto xb = x.to(torch::kBFloat16).contiguous();
-  std::copy(xb.data_ptr<bf16>(), xb.data_ptr<bf16>() + n, xv.begin());
-  const bf16* w = weight.data_ptr<bf16>();
-  const bf16* b = bias.has_value() ? bias->data_ptr<bf16>() : nullptr;
-  bf16* y = out.data_ptr<bf16>();
+// The same for float32 weights (the float32 runtime's whole-unit kernels; its plain matmuls stay
+// on MKL's GEMV, which this matches).
+template <int R>
+void rows_dot(const float* w, int64_t n, const float* x, float* out) {
+  __m512 acc[R];
+  for (int r = 0; r < R; r++) acc[r] = _mm512_setzero_ps();
+  int64_t k = 0;
+  for (; k + 16 <= n; k += 16) {
+    const __m512 xk = _mm512_loadu_ps(x + k);
+    for (int r = 0; r < R; r++) {
+      _mm_prefetch(reinterpret_cast<const char*>(w + r * n + k + PREFETCH / 2), _MM_HINT_T0);
+      acc[r] = _mm512_fmadd_ps(_mm512_loadu_ps(w + r * n + k), xk, acc[r]);
+    }
+  }
+  if (k < n) {
+    const __m512 xk = _mm512_loadu_ps(x + k);
+    const __mmask16 mask = (__mmask16)((1u << (n - k)) - 1);
+    for (int r = 0; r < R; r++) acc[r] = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(mask, w + r * n + k), xk, acc[r]);
+  }
+  for (int r = 0; r < R; r++) out[r] = _mm512_reduce_add_ps(acc[r]);
+}
+
+int64_t padded(int64_t n) { return (n + WIDTH - 1) / WIDTH * WIDTH; }
+
+// x in the weights' type T (bfloat16: rounded to nearest even, as x.to(torch.bfloat16) does) and
+// zero-padded to whole registers, the form the dot products read.
+template <typename T, typename S>
+std::vector<T> input_row(const S* x, int64_t n) {
+  std::vector<T> row(padded(n), T(0.0f));
+  for (int64_t k = 0; k < n; k++) row[k] = T(static_cast<float>(x[k]));
+  return row;
+}
+
+// sums[row] = W[row] . x for every row, rows split over threads; store(row, sum) consumes each.
+template <typename T, typename Store>
+void gemv_rows(const T* w, int64_t rows, int64_t n, const T* x, Store store) {
   const int64_t groups = (rows + ROWS - 1) / ROWS;
   at::parallel_for(0, groups, GRAIN, [&](int64_t begin, int64_t end) {
     float sums[ROWS];
     for (int64_t g = begin; g < end; g++) {
       const int64_t row = g * ROWS, count = std::min<int64_t>(ROWS, rows - row);
       if (count == ROWS) {
-        rows_dot<ROWS>(w + row * n, n, xv.data(), sums);
+        rows_dot<ROWS>(w + row * n, n, x, sums);
       } else {
-        for (int64_t r = 0; r < count; r++) rows_dot<1>(w + (row + r) * n, n, xv.data(), sums + r);
+        for (int64_t r = 0; r < count; r++) rows_dot<1>(w + (row + r) * n, n, x, sums + r);
       }
-      for (int64_t r = 0; r < count; r++) y[row + r] = bf16(b ? sums[r] + static_cast<float>(b[row + r]) : sums[r]);
+      for (int64_t r = 0; r < count; r++) store(row + r, sums[r]);
     }
   });
+}
+
+template <typename T = bf16>
+const T* bias_of(const c10::optional<torch::Tensor>& bias) {
+  return bias.has_value() ? bias->data_ptr<T>() : nullptr;
+}
+
+// Arguments are checked by the Python wrapper: weight [rows, n] and out [rows] bfloat16, x [n]
+// float32 or bfloat16 (rounded to bfloat16).
+void gemv_out(const torch::Tensor& weight, const torch::Tensor& x, const c10::optional<torch::Tensor>& bias,
+              torch::Tensor out) {
+  const int64_t rows = weight.size(0), n = weight.size(1);
+  const auto xc = x.contiguous();  // a strided view is read as its values
+  const auto xv = xc.scalar_type() == at::kBFloat16 ? input_row<bf16>(xc.data_ptr<bf16>(), n)
+                                                    : input_row<bf16>(xc.data_ptr<float>(), n);
+  const bf16* b = bias_of(bias);
+  bf16* y = out.data_ptr<bf16>();
+  gemv_rows(weight.data_ptr<bf16>(), rows, n, xv.data(),
+            [&](int64_t row, float sum) { y[row] = bf16(b ? sum + static_cast<float>(b[row]) : sum); });
 }
 
 inline float sum_of_squares(const float* h, int64_t n) {
@@ -89,9 +140,23 @@ inline float sum_of_squares(const float* h, int64_t n) {
   return _mm512_reduce_add_ps(acc);
 }
 
-template <typename T>
-void add_rows(const T* x, const float* residual, float* h, int64_t n) {
-  for (int64_t k = 0; k < n; k++) h[k] = static_cast<float>(x[k]) + residual[k];
+// One row: h = x + residual (x float32, bfloat16, float16 or absent: then h is the residual itself
+// and not written), out = RMSNorm(h) * weight. Returns the row h is in.
+const float* add_norm_row(const c10::optional<torch::Tensor>& x, int64_t row, const float* residual,
+                          const float* weight, float eps, int64_t n, float* h, float* out) {
+  const float* src = residual;
+  if (x.has_value()) {
+    const auto add = [&](const auto* xs) {
+      for (int64_t k = 0; k < n; k++) h[k] = static_cast<float>(xs[row * n + k]) + residual[k];
+    };
+    const auto type = x->scalar_type();
+    type == at::kBFloat16 ? add(x->data_ptr<bf16>()) : type == at::kHalf ? add(x->data_ptr<at::Half>())
+                                                                          : add(x->data_ptr<float>());
+    src = h;
+  }
+  const float scale = 1.0f / std::sqrt(sum_of_squares(src, n) / static_cast<float>(n) + eps);
+  for (int64_t k = 0; k < n; k++) out[k] = weight[k] * (src[k] * scale);
+  return src;
 }
 
 // Arguments are checked by the Python wrapper: residual, h and normed [rows, n] float32 and
@@ -100,25 +165,245 @@ void add_rows(const T* x, const float* residual, float* h, int64_t n) {
 void add_rms_norm_out(const c10::optional<torch::Tensor>& x, const torch::Tensor& residual, const torch::Tensor& weight,
                       double eps, torch::Tensor h, torch::Tensor normed) {
   const int64_t n = weight.size(0), rows = residual.numel() / n;
-  const bool has_x = x.has_value(), bf16_x = has_x && x->scalar_type() == at::kBFloat16;
   const float* res = residual.data_ptr<float>();
-  const float* w = weight.data_ptr<float>();
   float* hs = h.data_ptr<float>();
   float* out = normed.data_ptr<float>();
   at::parallel_for(0, rows, 16, [&](int64_t begin, int64_t end) {  // rows of a prompt split over threads
     for (int64_t row = begin; row < end; row++) {
-      float* hr = hs + row * n;
-      if (bf16_x) {
-        add_rows(x->data_ptr<bf16>() + row * n, res + row * n, hr, n);
-      } else if (has_x) {
-        add_rows(x->data_ptr<float>() + row * n, res + row * n, hr, n);
-      }
-      const float* src = has_x ? hr : res + row * n;
-      const float scale = 1.0f / std::sqrt(sum_of_squares(src, n) / static_cast<float>(n) + static_cast<float>(eps));
-      float* o = out + row * n;
-      for (int64_t k = 0; k < n; k++) o[k] = w[k] * (src[k] * scale);
+      add_norm_row(x, row, res + row * n, weight.data_ptr<float>(), static_cast<float>(eps), n, hs + row * n,
+                   out + row * n);
     }
   });
+}
+
+// ---------------------------------------------------------------------------------------------
+// whole units of a batch-1 decode step
+// ---------------------------------------------------------------------------------------------
+void check_stream(const c10::optional<torch::Tensor>& x, const torch::Tensor& residual, const torch::Tensor& norm_weight) {
+  const int64_t n = residual.size(-1);
+  TORCH_CHECK(residual.scalar_type() == at::kFloat && residual.is_contiguous() && residual.numel() == n,
+              "residual must be one contiguous float32 row");
+  TORCH_CHECK(!x.has_value() || (x->numel() == n && x->is_contiguous() &&
+                                 (x->scalar_type() == at::kFloat || x->scalar_type() == at::kBFloat16 ||
+                                  x->scalar_type() == at::kHalf)),
+              "x must be one contiguous float32, bfloat16 or float16 row like residual");
+  TORCH_CHECK(norm_weight.scalar_type() == at::kFloat && norm_weight.numel() == n, "norm weight must be [hidden] float32");
+}
+
+void check_weight(const torch::Tensor& w, int64_t cols, const c10::optional<torch::Tensor>& bias, at::ScalarType type,
+                  const char* name) {
+  TORCH_CHECK(w.dim() == 2 && w.size(1) == cols && w.scalar_type() == type && w.is_contiguous(), name,
+              " must be a contiguous ", c10::toString(type), " [rows, ", cols, "] matrix");
+  TORCH_CHECK(!bias.has_value() || (bias->numel() == w.size(0) && bias->scalar_type() == type && bias->is_contiguous()),
+              name, "'s bias must be ", c10::toString(type), " [", w.size(0), "]");
+}
+
+// The stream entering a unit: (h = x + residual, as a row pointer; the tensor holding it; normed row).
+struct Opened {
+  torch::Tensor h;
+  const float* row;
+  std::vector<float> normed;
+};
+
+Opened open_unit(const c10::optional<torch::Tensor>& x, const torch::Tensor& residual, const torch::Tensor& norm_weight,
+                 double eps) {
+  const int64_t n = residual.size(-1);
+  Opened o{x.has_value() ? torch::empty_like(residual) : residual, nullptr, std::vector<float>(n)};
+  o.row = add_norm_row(x, 0, residual.data_ptr<float>(), norm_weight.data_ptr<float>(), static_cast<float>(eps), n,
+                       o.h.data_ptr<float>(), o.normed.data());
+  return o;
+}
+
+// out = h + W x (+ b), float32: a unit's last matmul with the residual add in its epilogue.
+template <typename T>
+torch::Tensor add_gemv(const Opened& o, const torch::Tensor& residual, const torch::Tensor& w,
+                       const c10::optional<torch::Tensor>& bias, const T* x) {
+  auto out = torch::empty_like(residual);
+  float* y = out.data_ptr<float>();
+  const T* b = bias_of<T>(bias);
+  const float* h = o.row;
+  gemv_rows(w.data_ptr<T>(), w.size(0), w.size(1), x,
+            [&](int64_t row, float sum) { y[row] = h[row] + (b ? sum + static_cast<float>(b[row]) : sum); });
+  return out;
+}
+
+inline __mmask16 lanes(int64_t remaining) {
+  return remaining >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << remaining) - 1);
+}
+
+// 16 (or, under a mask, fewer) values as float32 lanes.
+inline __m512 load16(const float* p, __mmask16 mask) { return _mm512_maskz_loadu_ps(mask, p); }
+inline __m512 load16(const bf16* p, __mmask16 mask) {
+  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(mask, p)), 16));
+}
+
+// One query token over a layer's cache: for each of the n_head query heads (head h reads KV head
+// h / G), softmax(q . k_j / sqrt(dim)) over the first `len` cached positions, times v; float32
+// sums, y rounded to T. Short caches run on one thread (the call is a few microseconds; PyTorch's
+// SDPA costs ~40 here); long ones split the heads over threads.
+template <typename T>
+void attend(const float* q, const T* k_cache, const T* v_cache, int64_t n_head, int64_t n_kv, int64_t max_seq,
+            int64_t dim, int64_t len, T* y) {
+  const int64_t group = n_head / n_kv;
+  const float scale = 1.0f / std::sqrt(static_cast<float>(dim));
+  at::parallel_for(0, n_head, len >= 256 ? 1 : n_head, [&](int64_t begin, int64_t end) {
+    std::vector<float> p(len);
+    for (int64_t head = begin; head < end; head++) {
+      const float* qh = q + head * dim;
+      const T* k = k_cache + (head / group) * max_seq * dim;
+      const T* v = v_cache + (head / group) * max_seq * dim;
+      float top = -INFINITY;
+      for (int64_t j = 0; j < len; j++) {
+        __m512 acc = _mm512_setzero_ps();
+        for (int64_t c = 0; c < dim; c += 16) {
+          const __mmask16 mask = lanes(dim - c);
+          acc = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(mask, qh + c), load16(k + j * dim + c, mask), acc);
+        }
+        p[j] = _mm512_reduce_add_ps(acc) * scale;
+        top = std::max(top, p[j]);
+      }
+      float total = 0.0f;
+      for (int64_t j = 0; j < len; j++) total += (p[j] = std::exp(p[j] - top));
+      const __m512 inv = _mm512_set1_ps(1.0f / total);
+      for (int64_t c = 0; c < dim; c += 16) {
+        const __mmask16 mask = lanes(dim - c);
+        __m512 acc = _mm512_setzero_ps();
+        for (int64_t j = 0; j < len; j++) acc = _mm512_fmadd_ps(_mm512_set1_ps(p[j]), load16(v + j * dim + c, mask), acc);
+        alignas(64) float out[16];
+        _mm512_store_ps(out, _mm512_mul_ps(acc, inv));
+        for (int64_t i = 0; i < std::min<int64_t>(16, dim - c); i++) y[head * dim + c + i] = T(out[i]);
+      }
+    }
+  });
+}
+
+// Pre-norm grouped-query attention for the token at cache position `pos`: q/k/v projection, RoPE
+// (Hugging Face's rotate_half convention, from the [max_seq, head_dim / 2] float32 tables), k and
+// v written into the layer's cache [1, n_kv, max_seq, head_dim], attention over the cache's first
+// pos + 1 positions (`attend`), output projection and residual add. Weights and cache are all
+// bfloat16 or all float32.
+torch::Tensor attention_decode(const c10::optional<torch::Tensor>& x, const torch::Tensor& residual,
+                               const torch::Tensor& norm_weight, double eps, const torch::Tensor& wqkv,
+                               const c10::optional<torch::Tensor>& bqkv, const torch::Tensor& wo,
+                               const c10::optional<torch::Tensor>& bo, const torch::Tensor& cos,
+                               const torch::Tensor& sin, int64_t pos, torch::Tensor k_cache, torch::Tensor v_cache,
+                               int64_t n_head) {
+  check_stream(x, residual, norm_weight);
+  const auto type = wqkv.scalar_type();
+  TORCH_CHECK(type == at::kBFloat16 || type == at::kFloat, "wqkv must be bfloat16 or float32");
+  const int64_t n = residual.size(-1);
+  TORCH_CHECK(k_cache.dim() == 4 && k_cache.size(0) == 1 && k_cache.is_contiguous() && v_cache.is_contiguous() &&
+                  k_cache.sizes() == v_cache.sizes() && k_cache.scalar_type() == type && v_cache.scalar_type() == type,
+              "k_cache and v_cache must be contiguous [1, n_kv, max_seq, head_dim] in the weights' dtype");
+  const int64_t n_kv = k_cache.size(1), max_seq = k_cache.size(2), dim = k_cache.size(3);
+  TORCH_CHECK(n_head % n_kv == 0 && dim % 2 == 0, "n_head must be a multiple of n_kv and head_dim even");
+  TORCH_CHECK(0 <= pos && pos < max_seq && pos < cos.size(0), "position ", pos, " is outside the cache");
+  TORCH_CHECK(cos.scalar_type() == at::kFloat && sin.scalar_type() == at::kFloat && cos.is_contiguous() &&
+                  sin.is_contiguous() && cos.size(1) == dim / 2 && sin.sizes() == cos.sizes(),
+              "cos and sin must be contiguous float32 [max_seq, head_dim / 2] tables");
+  check_weight(wqkv, n, bqkv, type, "wqkv");
+  TORCH_CHECK(wqkv.size(0) == (n_head + 2 * n_kv) * dim, "wqkv must have (n_head + 2 n_kv) * head_dim rows");
+  check_weight(wo, n_head * dim, bo, type, "wo");
+  TORCH_CHECK(wo.size(0) == n, "wo must have hidden rows");
+  // The weights' type T: the KV cache and the activations between the matmuls are in it too.
+  const auto run = [&](auto zero) -> torch::Tensor {
+    using T = decltype(zero);
+    const int64_t half = dim / 2, heads = n_head + 2 * n_kv;
+    Opened o = open_unit(x, residual, norm_weight, eps);
+    std::vector<float> qkv(heads * dim);
+    const T* b = bias_of<T>(bqkv);
+    const auto normed = input_row<T>(o.normed.data(), n);
+    gemv_rows(wqkv.data_ptr<T>(), heads * dim, n, normed.data(),
+              [&](int64_t row, float sum) { qkv[row] = b ? sum + static_cast<float>(b[row]) : sum; });
+    const float* c = cos.data_ptr<float>() + pos * half;
+    const float* s = sin.data_ptr<float>() + pos * half;
+    for (int64_t head = 0; head < n_head + n_kv; head++) {  // q and k: rotate_half RoPE
+      float* v = qkv.data() + head * dim;
+      for (int64_t i = 0; i < half; i++) {
+        const float a = v[i], z = v[i + half];
+        v[i] = a * c[i] - z * s[i];
+        v[i + half] = z * c[i] + a * s[i];
+      }
+    }
+    T* kc = k_cache.data_ptr<T>();
+    T* vc = v_cache.data_ptr<T>();
+    for (int64_t head = 0; head < n_kv; head++) {
+      const float* k = qkv.data() + (n_head + head) * dim;
+      const float* v = qkv.data() + (n_head + n_kv + head) * dim;
+      T* kd = kc + (head * max_seq + pos) * dim;
+      T* vd = vc + (head * max_seq + pos) * dim;
+      for (int64_t i = 0; i < dim; i++) {
+        kd[i] = T(k[i]);
+        vd[i] = T(v[i]);
+      }
+    }
+    for (int64_t i = 0; i < n_head * dim; i++) qkv[i] = static_cast<float>(T(qkv[i]));  // q as the cache's type
+    std::vector<T> y(padded(n_head * dim), T(0.0f));
+    attend(qkv.data(), kc, vc, n_head, n_kv, max_seq, dim, pos + 1, y.data());
+    return add_gemv<T>(o, residual, wo, bo, y.data());
+  };
+  return type == at::kFloat ? run(0.0f) : run(bf16(0.0f));
+}
+
+// Pre-norm SwiGLU FeedForward: w13 = [gate; up] fused, act = silu(gate) * up in float32, then
+// down projection and residual add. Weights all bfloat16 or all float32.
+torch::Tensor feed_forward_decode(const c10::optional<torch::Tensor>& x, const torch::Tensor& residual,
+                                  const torch::Tensor& norm_weight, double eps, const torch::Tensor& w13,
+                                  const torch::Tensor& w2) {
+  check_stream(x, residual, norm_weight);
+  const auto type = w13.scalar_type();
+  TORCH_CHECK(type == at::kBFloat16 || type == at::kFloat, "w13 must be a contiguous bfloat16 or float32 matrix");
+  const int64_t n = residual.size(-1), f = w13.size(0) / 2;
+  check_weight(w13, n, c10::nullopt, type, "w13");
+  check_weight(w2, f, c10::nullopt, type, "w2");
+  TORCH_CHECK(w13.size(0) == 2 * f && w2.size(0) == n, "w13 must be [2 * intermediate, hidden], w2 [hidden, intermediate]");
+  const auto run = [&](auto zero) -> torch::Tensor {
+    using T = decltype(zero);
+    Opened o = open_unit(x, residual, norm_weight, eps);
+    std::vector<float> gate_up(2 * f);
+    const auto normed = input_row<T>(o.normed.data(), n);
+    gemv_rows(w13.data_ptr<T>(), 2 * f, n, normed.data(), [&](int64_t row, float sum) { gate_up[row] = sum; });
+    std::vector<T> act(padded(f), T(0.0f));
+    for (int64_t i = 0; i < f; i++) {
+      const float g = gate_up[i];
+      act[i] = T(g / (1.0f + std::exp(-g)) * gate_up[f + i]);
+    }
+    return add_gemv<T>(o, residual, w2, c10::nullopt, act.data());
+  };
+  return type == at::kFloat ? run(0.0f) : run(bf16(0.0f));
+}
+
+// A removed unit's fitted bypass, h + (RMSNorm(h) @ down) @ up + bias, float32 throughout (its
+// matrices are small: rank x hidden).
+torch::Tensor bypass_decode(const c10::optional<torch::Tensor>& x, const torch::Tensor& residual,
+                            const torch::Tensor& norm_weight, double eps, const torch::Tensor& down,
+                            const torch::Tensor& up, const torch::Tensor& bias) {
+  check_stream(x, residual, norm_weight);
+  const int64_t n = residual.size(-1), rank = down.size(1);
+  TORCH_CHECK(down.dim() == 2 && down.size(0) == n && up.dim() == 2 && up.size(0) == rank && up.size(1) == n &&
+                  bias.numel() == n && down.scalar_type() == at::kFloat && up.scalar_type() == at::kFloat &&
+                  bias.scalar_type() == at::kFloat && down.is_contiguous() && up.is_contiguous() && bias.is_contiguous(),
+              "down [hidden, rank], up [rank, hidden] and bias [hidden] must be contiguous float32");
+  Opened o = open_unit(x, residual, norm_weight, eps);
+  std::vector<float> z(rank, 0.0f);
+  const float* d = down.data_ptr<float>();
+  for (int64_t i = 0; i < n; i++) {
+    const float a = o.normed[i];
+    const float* row = d + i * rank;
+    for (int64_t j = 0; j < rank; j++) z[j] += a * row[j];
+  }
+  auto out = torch::empty_like(residual);
+  float* y = out.data_ptr<float>();
+  const float* b = bias.data_ptr<float>();
+  std::vector<float> acc(b, b + n);
+  const float* u = up.data_ptr<float>();
+  for (int64_t j = 0; j < rank; j++) {
+    const float a = z[j];
+    const float* row = u + j * n;
+    for (int64_t k = 0; k < n; k++) acc[k] += a * row[k];
+  }
+  for (int64_t k = 0; k < n; k++) y[k] = o.row[k] + acc[k];
+  return out;
 }
 
 }  // namespace
@@ -126,4 +411,7 @@ void add_rms_norm_out(const c10::optional<torch::Tensor>& x, const torch::Tensor
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("gemv_out", &gemv_out, "out = weight @ x (+ bias), one row, bfloat16 weight");
   m.def("add_rms_norm_out", &add_rms_norm_out, "h = x + residual; normed = RMSNorm(h) * weight, float32 rows");
+  m.def("attention_decode", &attention_decode, "one decode step of a pre-norm GQA attention unit, batch 1");
+  m.def("feed_forward_decode", &feed_forward_decode, "one decode step of a pre-norm SwiGLU unit, batch 1");
+  m.def("bypass_decode", &bypass_decode, "one decode step of a fitted bypass, batch 1");
 }

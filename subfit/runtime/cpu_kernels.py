@@ -1,5 +1,5 @@
-"""The C++ kernels of batch-1 CPU decode, built on first use: a bfloat16 matrix-vector product and
-the fused residual add + RMSNorm.
+"""The C++ kernels of batch-1 CPU decode, built on first use: a bfloat16 matrix-vector product, the
+fused residual add + RMSNorm, and whole decode units built from the two.
 
 Every matmul of a batch-1 decode step is `W @ x` over a weight read once from memory, so the step
 runs at the rate one core streams weights. PyTorch's bfloat16 `torch.mv` leaves time on the table
@@ -11,11 +11,14 @@ which already streams at the copy bandwidth.
 
 Between the matmuls, every unit opens with a residual add and an RMSNorm of the float32 stream: as
 PyTorch ops nine dispatches, ~30 us with the caches cold from the weights just streamed, 61 times
-per SmolLM2 token; `add_rms_norm_out` does it in one call (docs/cpu_decode.md).
+per SmolLM2 token; `add_rms_norm_out` does it in one call (docs/cpu_decode.md). A bf16 decode step
+goes further: `attention_decode`, `feed_forward_decode` and `bypass_decode` each run a whole unit
+(norm, matmuls, RoPE and cache write, activation, residual add) in one call, where op by op a unit
+was 10-30 dispatches of tiny tensors.
 
 The extension is compiled with the machine's C++ compiler the first time a process needs it
 (about half a minute; cached under TORCH_EXTENSIONS_DIR, ~/.cache/torch_extensions by default).
-Where it cannot be built or the CPU lacks the instructions, `kernel_for` and `norm_kernel` return
+Where it cannot be built or the CPU lacks the instructions, `kernel_for` and `decode_kernels` return
 None and callers use PyTorch ops: slower, same results up to float32 summation order.
 """
 from __future__ import annotations
@@ -94,12 +97,12 @@ def gemv_reference(weight: torch.Tensor, x: torch.Tensor, bias: torch.Tensor | N
     return y if bias is None else y + bias.double()
 
 
-def norm_kernel():
-    """The unchecked `add_rms_norm_out(x | None, residual, weight, eps, h, normed)` where the extension
-    is built here, else None; for callers that guarantee `add_rms_norm`'s argument rules themselves,
-    as `ops.TorchOps` does. Builds the extension on first use."""
-    extension = _extension()
-    return None if extension is None else extension.add_rms_norm_out
+def decode_kernels():
+    """The extension module where it is built here, else None; builds it on first use. Its
+    `add_rms_norm_out(x | None, residual, weight, eps, h, normed)` is unchecked (callers guarantee
+    `add_rms_norm`'s argument rules, as `ops.TorchOps` does); the whole-unit kernels
+    `attention_decode`, `feed_forward_decode` and `bypass_decode` check their arguments themselves."""
+    return _extension()
 
 
 def add_rms_norm(x: torch.Tensor | None, residual: torch.Tensor, weight: torch.Tensor,
@@ -116,13 +119,13 @@ def add_rms_norm(x: torch.Tensor | None, residual: torch.Tensor, weight: torch.T
                          f"{tuple(residual.shape)}, got {tuple(x.shape)} {x.dtype}")
     if weight.shape != (n,) or weight.dtype != f32 or not weight.is_contiguous():
         raise ValueError(f"weight must be a contiguous [{n}] float32 vector, got {tuple(weight.shape)} {weight.dtype}")
-    kernel = norm_kernel()
-    if kernel is None:
+    extension = _extension()
+    if extension is None:
         raise RuntimeError("subfit's CPU decode kernels are not available here (see the warning above, or "
                            "cpu_kernels.supported()); use ops.rms_norm")
     h = residual if x is None else torch.empty_like(residual)
     normed = torch.empty_like(residual)
-    kernel(x, residual, weight, eps, h, normed)
+    extension.add_rms_norm_out(x, residual, weight, eps, h, normed)
     return normed, h
 
 

@@ -105,8 +105,14 @@ class Attention(nn.Module):
         self.k_norm = norm_of(attn.k_norm, dtype) if hasattr(attn, "k_norm") else None
         self.k_cache: torch.Tensor | None = None  # views of this layer's slot, bound by Transformer.setup_cache
         self.v_cache: torch.Tensor | None = None
+        self.decode_kernel = None if self.q_norm is not None else unit_kernel(ops, "attention_decode", stream_dtype,
+                                                                             self.wqkv, self.wo)
 
     def forward(self, x, residual, step: Step) -> Stream:
+        if self.decode_kernel is not None and not step.prefill and step.mask is None and residual.numel() == residual.shape[-1]:
+            return None, self.decode_kernel(x, residual, self.norm_weight, self.eps, self.wqkv.weight, self.wqkv.bias,
+                                            self.wo.weight, self.wo.bias, step.cos, step.sin, step.kv_len - 1,
+                                            self.k_cache, self.v_cache, self.n_head)
         normed, h = self.ops.add_rms_norm(x, residual, self.norm_weight, self.eps)
         b, t, _ = normed.shape
         qkv = self.wqkv(normed).view(b, t, self.n_head + 2 * self.n_kv, self.head_dim)
@@ -133,8 +139,12 @@ class FeedForward(nn.Module):
         self.norm_weight, self.eps = norm_of(hf_block.post_attention_layernorm, stream_dtype)
         self.w13 = Dense.fuse(mlp.gate_proj, mlp.up_proj, dtype=dtype)
         self.w2 = Dense.fuse(mlp.down_proj, dtype=dtype)
+        no_bias = self.w13.bias is None and self.w2.bias is None
+        self.decode_kernel = unit_kernel(ops, "feed_forward_decode", stream_dtype, self.w13, self.w2) if no_bias else None
 
     def forward(self, x, residual, step: Step) -> Stream:
+        if self.decode_kernel is not None and residual.numel() == residual.shape[-1]:
+            return None, self.decode_kernel(x, residual, self.norm_weight, self.eps, self.w13.weight, self.w2.weight)
         normed, h = self.ops.add_rms_norm(x, residual, self.norm_weight, self.eps)
         gate, up = self.w13(normed).chunk(2, dim=-1)
         return self.w2(self.ops.swiglu(gate, up)), h
@@ -150,9 +160,25 @@ class Bypass(nn.Module):
         self.ops = ops
         self.norm_weight, self.eps = norm_of(norm, down.dtype)
         self.down, self.up, self.bias = down, up, bias  # `down` is shared by all FFN bypasses
+        self.decode_kernel = unit_kernel(ops, "bypass_decode", down.dtype) if down.dtype == torch.float32 else None
 
     def forward(self, x, residual, step: Step) -> Stream:
+        if self.decode_kernel is not None and residual.numel() == residual.shape[-1]:
+            return None, self.decode_kernel(x, residual, self.norm_weight, self.eps, self.down, self.up, self.bias)
         return None, self.ops.bypass(x, residual, self.norm_weight, self.eps, self.down, self.up, self.bias)
+
+
+def unit_kernel(ops, name: str, stream_dtype: torch.dtype, *matmuls: Dense):
+    """The C++ kernel that runs a whole unit of a batch-1 decode step in one call (`cpu_kernels`), where
+    it serves: the PyTorch path on a CPU where the kernels build, a float32 stream, and matmul weights
+    all bfloat16 or all float32. Else None, and the unit runs op by op."""
+    kernels = getattr(ops, "cpu_kernels", None)
+    dtypes = {m.weight.dtype for m in matmuls}
+    if (kernels is None or stream_dtype != torch.float32 or len(dtypes) > 1
+            or not dtypes <= {torch.bfloat16, torch.float32}
+            or any(m.weight.device.type != "cpu" or not m.weight.is_contiguous() for m in matmuls)):
+        return None
+    return getattr(kernels, name)
 
 
 def norm_of(norm: nn.Module, dtype: torch.dtype) -> tuple[torch.Tensor, float]:

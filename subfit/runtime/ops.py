@@ -11,7 +11,7 @@ from dataclasses import dataclass, replace
 import torch
 import torch.nn.functional as F
 
-from subfit.runtime.cpu_kernels import norm_kernel
+from subfit.runtime.cpu_kernels import decode_kernels
 
 
 @dataclass(frozen=True)
@@ -57,13 +57,16 @@ def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tenso
 
 class TorchOps:
     """Plain PyTorch: few, large ops; writes into the static cache in place. On a CPU where subfit's
-    C++ decode kernels build, the add + RMSNorm of the float32 stream is one call (`cpu_kernels`).
+    C++ decode kernels build, the add + RMSNorm of the float32 stream is one call (`cpu_kernels`), and
+    so is each whole unit of a bf16 batch-1 decode step (`model.unit_kernel`).
 
     In every op the residual stream is `x + residual`, where the pending `x` may be None.
     """
 
     def __init__(self, device: torch.device | str = "cpu"):
-        self.norm_kernel = norm_kernel() if torch.device(device).type == "cpu" else None
+        # On a CPU: the C++ kernels' module (its whole-unit decode kernels serve `model`'s units) or None.
+        self.cpu_kernels = decode_kernels() if torch.device(device).type == "cpu" else None
+        self.norm_kernel = self.cpu_kernels.add_rms_norm_out if self.cpu_kernels is not None else None
 
     def prepare(self, step: Step, dtype: torch.dtype) -> Step:
         """Per-forward work that every layer would otherwise repeat: RoPE rows and a batch index."""

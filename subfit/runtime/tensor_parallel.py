@@ -174,6 +174,7 @@ def shard_attention(attn: Attention, tp: TensorParallel) -> None:
     wo = attn.wo
     attn.wo = RowParallelDense(_own(wo.weight[:, q0 * d: (q0 + n_q) * d]), wo.bias if tp.rank == 0 else None, tp)
     attn.n_head, attn.n_kv = n_q, n_kv
+    attn.decode_kernel = None  # the whole-unit kernel knows no all-reduce
 
 
 def shard_feed_forward(ffn: FeedForward, tp: TensorParallel) -> None:
@@ -182,6 +183,7 @@ def shard_feed_forward(ffn: FeedForward, tp: TensorParallel) -> None:
     blocks = [(start, stop), (width + start, width + stop)]  # gate rows, then up rows
     ffn.w13 = Dense(_block_rows(ffn.w13.weight, blocks), _block_rows(ffn.w13.bias, blocks))
     ffn.w2 = RowParallelDense(_own(ffn.w2.weight[:, start:stop]), ffn.w2.bias if tp.rank == 0 else None, tp)
+    ffn.decode_kernel = None  # the whole-unit kernel knows no all-reduce
 
 
 def shard_bypass(bypass: Bypass, tp: TensorParallel, downs: dict[int, torch.Tensor]) -> ShardedBypass:

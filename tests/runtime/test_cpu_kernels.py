@@ -133,7 +133,7 @@ def test_add_rms_norm_writes_every_element_and_keeps_its_inputs():
     residual, x, weight = torch.randn(5, 33), torch.randn(5, 33), torch.randn(33)
     saved = residual.clone(), x.clone(), weight.clone()
     h, normed = torch.full_like(residual, float("nan")), torch.full_like(residual, float("nan"))  # poisoned
-    cpu_kernels.norm_kernel()(x, residual, weight, 1e-6, h, normed)
+    cpu_kernels.decode_kernels().add_rms_norm_out(x, residual, weight, 1e-6, h, normed)
     assert torch.isfinite(h).all() and torch.isfinite(normed).all()
     ref_normed, ref_h = cpu_kernels.add_rms_norm_reference(x, residual, weight, 1e-6)
     assert rel_err(normed, ref_normed) < F32_EPS and rel_err(h, ref_h) < F32_EPS
