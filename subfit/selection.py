@@ -16,6 +16,7 @@ import torch
 from subfit.config import VALIDATION_SAMPLES
 from subfit.fitting import LinearFit, reduced_rank_fit, shared_basis
 from subfit.hardware import bf16_matmuls, fast_bf16
+from subfit.memory import release_freed_memory
 from subfit.models import UNIT_KINDS, Decoder
 from subfit.plan import Bypass, Plan
 from subfit.stats import Checkpoints, Unit, UnitStats, walk
@@ -176,6 +177,7 @@ def output_effects(
     and then rides along, all of them through each layer in one batch. Every layer is on `device`
     once (a model larger than the device works), and each candidate costs one partial forward.
     """
+    release_freed_memory()  # what the walk before it freed
     home = next(decoder.model.parameters()).device
     device = torch.device(device) if device is not None else home
     ids = probe_ids.to(device)

@@ -14,6 +14,7 @@ import torch
 from tqdm.auto import tqdm
 
 from subfit.fitting import Moments
+from subfit.memory import release_freed_memory
 from subfit.models import UNIT_KINDS, Decoder
 from subfit.plan import Bypass
 
@@ -166,6 +167,7 @@ def walk(
     """
     if target not in TARGETS:
         raise ValueError(f"Unknown target {target!r}; choose one of {TARGETS}.")
+    release_freed_memory()  # what earlier walks freed, before this one's streams are allocated
     if start_layer and (resume is None or start_layer not in resume.streams or target != "unit"):
         raise ValueError(f"Resuming at layer {start_layer} needs a checkpoint there and unit targets.")
     actions = actions or {}
