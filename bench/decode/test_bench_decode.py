@@ -213,9 +213,9 @@ def _ops_lines() -> list[str]:
                          f"| {r['unit_ms']:.2f} ({r['unit_calls']:.0f}) | {r['attention_ms']:.2f} | "
                          f"{r['other_ms']:.2f} ({r['other_ops']:.0f}) | {r['outside_ms']:.2f} |")
     return lines + ["", "matmul = linear/mm/mv, subfit's bf16 GEMV kernel (`cpu_kernels`) and their dispatch; whole-unit "
-                        "kernels = a bf16 step's attention, FeedForward and bypass units, each one C++ call (`cpu_kernels`: "
-                        "norm, matmuls, RoPE, cache write, activation, residual add; its SDPA is counted as attention); "
-                        "other = norms (subfit's add + RMSNorm kernel on CPU), RoPE, cache writes, activations, "
+                        "kernels = each attention, FeedForward and bypass unit of a decode step in one C++ call "
+                        "(`cpu_kernels`: norm, matmuls, RoPE, cache write, attention, activation, residual add); "
+                        "attention = PyTorch's SDPA where a unit runs op by op; other = norms (subfit's add + RMSNorm kernel on CPU), RoPE, cache writes, activations, "
                         "residual adds, sampling; outside ops = Python between ops (wall time less the ops' CPU time; "
                         "the profiler inflates both).", ""]
 
