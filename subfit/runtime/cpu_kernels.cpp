@@ -16,13 +16,14 @@
 // attention_decode, feed_forward_decode, bypass_decode: a whole unit of one decode step (batch 1,
 // one token) in one call, from the pending x and the residual to the next residual, fully summed
 // in float32. As PyTorch ops a unit is 10-30 dispatches of tiny tensors, each costing more than
-// its work: together they were a third of a bf16 step on SmolLM2. Inside, the activations between
-// the matmuls stay float32 and are rounded to bfloat16 only where a bf16 matmul or the bf16 KV
-// cache reads them.
+// its work: together they were a third of a bf16 step on SmolLM2. Weights and KV cache are all
+// bfloat16 or all float32; inside, the activations between the matmuls stay float32 and are
+// rounded to the weights' type only where a matmul or the cache reads them.
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
 #include <immintrin.h>
 
+#include <algorithm>
 #include <cmath>
 #include <vector>
 
@@ -237,41 +238,79 @@ inline __m512 load16(const bf16* p, __mmask16 mask) {
   return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(mask, p)), 16));
 }
 
+constexpr int64_t MAX_GROUP = 16;  // query heads served by one pass over a KV head's cache
+
+// e^x in 16 lanes, for the softmax's x <= 0: 2^n * e^y with n = round(x / ln 2) and |y| <= ln 2 / 2,
+// e^y by its degree-6 Taylor polynomial (relative error ~1e-7, float32's own rounding). The
+// scalar std::exp was most of a long cache's attention time.
+inline __m512 exp16(__m512 x) {
+  const __m512 t = _mm512_mul_ps(_mm512_max_ps(x, _mm512_set1_ps(-100.0f)), _mm512_set1_ps(1.44269504088896341f));
+  const __m512 n = _mm512_roundscale_ps(t, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  const __m512 y = _mm512_mul_ps(_mm512_sub_ps(t, n), _mm512_set1_ps(0.693147180559945309f));
+  __m512 e = _mm512_set1_ps(1.0f / 720.0f);
+  for (const float c : {1.0f / 120.0f, 1.0f / 24.0f, 1.0f / 6.0f, 0.5f, 1.0f, 1.0f}) {
+    e = _mm512_fmadd_ps(e, y, _mm512_set1_ps(c));
+  }
+  return _mm512_scalef_ps(e, n);
+}
+
 // One query token over a layer's cache: for each of the n_head query heads (head h reads KV head
 // h / G), softmax(q . k_j / sqrt(dim)) over the first `len` cached positions, times v; float32
-// sums, y rounded to T. Short caches run on one thread (the call is a few microseconds; PyTorch's
-// SDPA costs ~40 here); long ones split the heads over threads.
+// sums, y rounded to T. The G query heads of a KV head are served together, so its cache is read
+// once, not G times. Short caches run on one thread (a call is a few microseconds; PyTorch's SDPA
+// costs ~40 here); long ones split the KV heads over threads.
 template <typename T>
 void attend(const float* q, const T* k_cache, const T* v_cache, int64_t n_head, int64_t n_kv, int64_t max_seq,
             int64_t dim, int64_t len, T* y) {
-  const int64_t group = n_head / n_kv;
+  const int64_t group = n_head / n_kv, blocks = (group + MAX_GROUP - 1) / MAX_GROUP, tasks = n_kv * blocks;
+  const int64_t stride = (dim + 15) / 16 * 16;  // an accumulator row: whole registers
   const float scale = 1.0f / std::sqrt(static_cast<float>(dim));
-  at::parallel_for(0, n_head, len >= 256 ? 1 : n_head, [&](int64_t begin, int64_t end) {
-    std::vector<float> p(len);
-    for (int64_t head = begin; head < end; head++) {
-      const float* qh = q + head * dim;
-      const T* k = k_cache + (head / group) * max_seq * dim;
-      const T* v = v_cache + (head / group) * max_seq * dim;
-      float top = -INFINITY;
-      for (int64_t j = 0; j < len; j++) {
-        __m512 acc = _mm512_setzero_ps();
+  at::parallel_for(0, tasks, len >= 256 ? 1 : tasks, [&](int64_t begin, int64_t end) {
+    std::vector<float> p, acc;
+    for (int64_t task = begin; task < end; task++) {
+      const int64_t kv = task / blocks, first = kv * group + (task % blocks) * MAX_GROUP;
+      const int64_t heads = std::min(MAX_GROUP, kv * group + group - first);
+      const float* qs = q + first * dim;
+      const T* k = k_cache + kv * max_seq * dim;
+      const T* v = v_cache + kv * max_seq * dim;
+      p.assign(heads * len, 0.0f);
+      for (int64_t j = 0; j < len; j++) {  // scores: each cached key read once for all the heads
+        __m512 dot[MAX_GROUP];
+        for (int64_t g = 0; g < heads; g++) dot[g] = _mm512_setzero_ps();
         for (int64_t c = 0; c < dim; c += 16) {
           const __mmask16 mask = lanes(dim - c);
-          acc = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(mask, qh + c), load16(k + j * dim + c, mask), acc);
+          const __m512 key = load16(k + j * dim + c, mask);
+          for (int64_t g = 0; g < heads; g++) {
+            dot[g] = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(mask, qs + g * dim + c), key, dot[g]);
+          }
         }
-        p[j] = _mm512_reduce_add_ps(acc) * scale;
-        top = std::max(top, p[j]);
+        for (int64_t g = 0; g < heads; g++) p[g * len + j] = _mm512_reduce_add_ps(dot[g]) * scale;
       }
-      float total = 0.0f;
-      for (int64_t j = 0; j < len; j++) total += (p[j] = std::exp(p[j] - top));
-      const __m512 inv = _mm512_set1_ps(1.0f / total);
-      for (int64_t c = 0; c < dim; c += 16) {
-        const __mmask16 mask = lanes(dim - c);
-        __m512 acc = _mm512_setzero_ps();
-        for (int64_t j = 0; j < len; j++) acc = _mm512_fmadd_ps(_mm512_set1_ps(p[j]), load16(v + j * dim + c, mask), acc);
-        alignas(64) float out[16];
-        _mm512_store_ps(out, _mm512_mul_ps(acc, inv));
-        for (int64_t i = 0; i < std::min<int64_t>(16, dim - c); i++) y[head * dim + c + i] = T(out[i]);
+      float total[MAX_GROUP];
+      for (int64_t g = 0; g < heads; g++) {  // softmax, unnormalised: divided out at the end
+        float* row = p.data() + g * len;
+        const __m512 top = _mm512_set1_ps(*std::max_element(row, row + len));
+        __m512 sum = _mm512_setzero_ps();
+        for (int64_t j = 0; j < len; j += 16) {
+          const __mmask16 mask = lanes(len - j);
+          const __m512 e = exp16(_mm512_sub_ps(_mm512_maskz_loadu_ps(mask, row + j), top));
+          _mm512_mask_storeu_ps(row + j, mask, e);
+          sum = _mm512_mask_add_ps(sum, mask, sum, e);
+        }
+        total[g] = _mm512_reduce_add_ps(sum);
+      }
+      acc.assign(heads * stride, 0.0f);
+      for (int64_t j = 0; j < len; j++) {  // values: each cached value read once for all the heads
+        for (int64_t c = 0; c < dim; c += 16) {
+          const __m512 value = load16(v + j * dim + c, lanes(dim - c));
+          for (int64_t g = 0; g < heads; g++) {
+            float* a = acc.data() + g * stride + c;
+            _mm512_storeu_ps(a, _mm512_fmadd_ps(_mm512_set1_ps(p[g * len + j]), value, _mm512_loadu_ps(a)));
+          }
+        }
+      }
+      for (int64_t g = 0; g < heads; g++) {
+        for (int64_t i = 0; i < dim; i++) y[(first + g) * dim + i] = T(acc[g * stride + i] / total[g]);
       }
     }
   });

@@ -6,15 +6,16 @@ runs at the rate one core streams weights. PyTorch's bfloat16 `torch.mv` leaves 
 there: ~25 us per call before any weight is read (121 calls per SmolLM2 token), and small matrices
 streamed at 8-9 GB/s where float32's reach 13-14. `gemv_out` reads four rows side by side with
 a prefetch ahead: ~5 us per call and 10-12 GB/s on those matrices (bench/results/gemv_cpu.md;
-docs/cpu_decode.md has the effect on whole decode steps). float32 weights stay on `torch.mv` (MKL),
-which already streams at the copy bandwidth.
+docs/cpu_decode.md has the effect on whole decode steps). float32 weights need no kernel of their own
+for that (MKL's `torch.mv` already streams at the copy bandwidth); a float32 version serves the
+whole-unit calls below.
 
 Between the matmuls, every unit opens with a residual add and an RMSNorm of the float32 stream: as
 PyTorch ops nine dispatches, ~30 us with the caches cold from the weights just streamed, 61 times
-per SmolLM2 token; `add_rms_norm_out` does it in one call (docs/cpu_decode.md). A bf16 decode step
-goes further: `attention_decode`, `feed_forward_decode` and `bypass_decode` each run a whole unit
-(norm, matmuls, RoPE and cache write, activation, residual add) in one call, where op by op a unit
-was 10-30 dispatches of tiny tensors.
+per SmolLM2 token; `add_rms_norm_out` does it in one call (docs/cpu_decode.md). A batch-1 decode
+step goes further: `attention_decode`, `feed_forward_decode` and `bypass_decode` each run a whole
+unit (norm, matmuls, RoPE, cache write and attention, activation, residual add) in one call, where
+op by op a unit was 10-30 dispatches of tiny tensors.
 
 The extension is compiled with the machine's C++ compiler the first time a process needs it
 (about half a minute; cached under TORCH_EXTENSIONS_DIR, ~/.cache/torch_extensions by default).

@@ -109,7 +109,8 @@ class Attention(nn.Module):
                                                                              self.wqkv, self.wo)
 
     def forward(self, x, residual, step: Step) -> Stream:
-        if self.decode_kernel is not None and not step.prefill and step.mask is None and residual.numel() == residual.shape[-1]:
+        one_token = residual.numel() == residual.shape[-1]
+        if self.decode_kernel is not None and one_token and not step.prefill and step.mask is None:
             return None, self.decode_kernel(x, residual, self.norm_weight, self.eps, self.wqkv.weight, self.wqkv.bias,
                                             self.wo.weight, self.wo.bias, step.cos, step.sin, step.kv_len - 1,
                                             self.k_cache, self.v_cache, self.n_head)
@@ -139,8 +140,8 @@ class FeedForward(nn.Module):
         self.norm_weight, self.eps = norm_of(hf_block.post_attention_layernorm, stream_dtype)
         self.w13 = Dense.fuse(mlp.gate_proj, mlp.up_proj, dtype=dtype)
         self.w2 = Dense.fuse(mlp.down_proj, dtype=dtype)
-        no_bias = self.w13.bias is None and self.w2.bias is None
-        self.decode_kernel = unit_kernel(ops, "feed_forward_decode", stream_dtype, self.w13, self.w2) if no_bias else None
+        biased = self.w13.bias is not None or self.w2.bias is not None
+        self.decode_kernel = None if biased else unit_kernel(ops, "feed_forward_decode", stream_dtype, self.w13, self.w2)
 
     def forward(self, x, residual, step: Step) -> Stream:
         if self.decode_kernel is not None and residual.numel() == residual.shape[-1]:

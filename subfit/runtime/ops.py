@@ -58,7 +58,7 @@ def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tenso
 class TorchOps:
     """Plain PyTorch: few, large ops; writes into the static cache in place. On a CPU where subfit's
     C++ decode kernels build, the add + RMSNorm of the float32 stream is one call (`cpu_kernels`), and
-    so is each whole unit of a bf16 batch-1 decode step (`model.unit_kernel`).
+    so is each whole unit of a batch-1 decode step (`model.unit_kernel`).
 
     In every op the residual stream is `x + residual`, where the pending `x` may be None.
     """

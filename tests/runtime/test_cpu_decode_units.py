@@ -87,10 +87,11 @@ def attention_reference(x, residual, norm_weight, eps, wqkv, bqkv, wo, cos, sin,
     return h, h + wo.double() @ rounded(y.flatten(), dtype), k, v
 
 
-# hidden, n_head, n_kv, head_dim, position: stories260K's, SmolLM2's, odd sizes, one KV head, and a
-# cache long enough that the heads are split over threads
+# hidden, n_head, n_kv, head_dim, position: stories260K's, SmolLM2's, odd sizes, one KV head, more
+# query heads per KV head than one pass serves (18 > 16), and a cache long enough that the KV heads
+# are split over threads
 ATTENTION_SHAPES = [(64, 8, 4, 8, 0), (576, 9, 3, 64, 37), (70, 5, 1, 14, 10), (33, 6, 2, 10, 3),
-                    (96, 6, 2, 24, 300)]
+                    (40, 18, 1, 8, 20), (96, 6, 2, 24, 300)]
 
 
 @pytest.mark.parametrize("threads", [1, 2])
