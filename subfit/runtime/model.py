@@ -161,7 +161,7 @@ class Bypass(nn.Module):
         self.ops = ops
         self.norm_weight, self.eps = norm_of(norm, down.dtype)
         self.down, self.up, self.bias = down, up, bias  # `down` is shared by all FFN bypasses
-        self.decode_kernel = unit_kernel(ops, "bypass_decode", down.dtype) if down.dtype == torch.float32 else None
+        self.decode_kernel = unit_kernel(ops, "bypass_decode", down.dtype)  # its weights are in the stream dtype
 
     def forward(self, x, residual, step: Step) -> Stream:
         if self.decode_kernel is not None and residual.numel() == residual.shape[-1]:
