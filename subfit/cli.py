@@ -85,7 +85,10 @@ def run_compress(args) -> int:
     config = SubFitConfig(**given)
     start = time.time()
     from subfit import models
+    from subfit.runtime import cpu_kernels
 
+    if args.calib in (None, SELF):  # text sampled from the model decodes on the CPU: a first build overlaps the load
+        cpu_kernels.build_in_background()
     model, tokenizer, source = models.load(args.model)
     if args.method == "subfit":
         from subfit.compression import compress

@@ -5,6 +5,7 @@ attention biases, Qwen3's q/k norms) live here and nowhere else.
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import importlib.util
 import json
@@ -118,6 +119,32 @@ def load_config(name: str | os.PathLike | ModelSource | None = None, *, trust_re
     return config
 
 
+@contextlib.contextmanager
+def _gguf_parsed_once():
+    """Within the block, each GGUF file is parsed once. transformers parses a GGUF's header anew for the
+    config, the weights and the tokenizer, each time value by value (~4 s for SmolLM2's 49k-token
+    vocabulary); its loaders take `gguf.GGUFReader` when they run, so they share the first reader
+    here. The reader only maps the file read-only, so sharing it changes nothing it returns."""
+    try:
+        import gguf
+    except ImportError:  # no GGUF support: nothing to share
+        yield
+        return
+    original, readers = gguf.GGUFReader, {}
+
+    def shared_reader(path, mode="r"):
+        key = (os.fspath(path), mode)
+        if key not in readers:
+            readers[key] = original(path, mode)
+        return readers[key]
+
+    gguf.GGUFReader = shared_reader
+    try:
+        yield
+    finally:
+        gguf.GGUFReader = original
+
+
 def load(
     name: str | os.PathLike | ModelSource | None = None,
     *,
@@ -131,14 +158,15 @@ def load(
     device = check_device(device)
     source = name if isinstance(name, ModelSource) else resolve_source(name)
     kwargs = {"gguf_file": source.gguf_file} if source.gguf_file else {}
-    load_config(source, trust_remote_code=trust_remote_code)
-    try:
-        model = AutoModelForCausalLM.from_pretrained(
-            source.path, dtype=dtype, attn_implementation="sdpa", trust_remote_code=trust_remote_code, **kwargs
-        )
-        tokenizer = AutoTokenizer.from_pretrained(source.path, trust_remote_code=trust_remote_code, **kwargs)
-    except OSError as e:
-        raise _unreadable(source, e) from None
+    with _gguf_parsed_once() if source.gguf_file else contextlib.nullcontext():
+        config = load_config(source, trust_remote_code=trust_remote_code)  # given to the model: read once
+        try:
+            model = AutoModelForCausalLM.from_pretrained(source.path, config=config, dtype=dtype,
+                                                         attn_implementation="sdpa",
+                                                         trust_remote_code=trust_remote_code, **kwargs)
+            tokenizer = AutoTokenizer.from_pretrained(source.path, trust_remote_code=trust_remote_code, **kwargs)
+        except OSError as e:
+            raise _unreadable(source, e) from None
     model.subfit_source = source  # where the weights came from: a plan made from this model records it
     return model.to(device).eval(), tokenizer, source
 

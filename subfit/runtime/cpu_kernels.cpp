@@ -19,7 +19,11 @@
 // its work: together they were a third of a bf16 step on SmolLM2. Weights and KV cache are all
 // bfloat16 or all float32; inside, the activations between the matmuls stay float32 and are
 // rounded to the weights' type only where a matmul or the cache reads them.
-#include <torch/extension.h>
+// Only the headers the kernels use: <torch/extension.h> (the whole C++ frontend) would triple the
+// first build's time, which a user's first command waits for.
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty_like.h>
+#include <torch/csrc/utils/pybind.h>
 #include <ATen/Parallel.h>
 #include <immintrin.h>
 
@@ -109,14 +113,14 @@ void gemv_rows(const T* w, int64_t rows, int64_t n, const T* x, Store store) {
 }
 
 template <typename T = bf16>
-const T* bias_of(const c10::optional<torch::Tensor>& bias) {
+const T* bias_of(const c10::optional<at::Tensor>& bias) {
   return bias.has_value() ? bias->data_ptr<T>() : nullptr;
 }
 
 // Arguments are checked by the Python wrapper: weight [rows, n] and out [rows] bfloat16, x [n]
 // float32 or bfloat16 (rounded to bfloat16).
-void gemv_out(const torch::Tensor& weight, const torch::Tensor& x, const c10::optional<torch::Tensor>& bias,
-              torch::Tensor out) {
+void gemv_out(const at::Tensor& weight, const at::Tensor& x, const c10::optional<at::Tensor>& bias,
+              at::Tensor out) {
   const int64_t rows = weight.size(0), n = weight.size(1);
   const auto xc = x.contiguous();  // a strided view is read as its values
   const auto xv = xc.scalar_type() == at::kBFloat16 ? input_row<bf16>(xc.data_ptr<bf16>(), n)
@@ -143,7 +147,7 @@ inline float sum_of_squares(const float* h, int64_t n) {
 
 // One row: h = x + residual (x float32, bfloat16, float16 or absent: then h is the residual itself
 // and not written), out = RMSNorm(h) * weight. Returns the row h is in.
-const float* add_norm_row(const c10::optional<torch::Tensor>& x, int64_t row, const float* residual,
+const float* add_norm_row(const c10::optional<at::Tensor>& x, int64_t row, const float* residual,
                           const float* weight, float eps, int64_t n, float* h, float* out) {
   const float* src = residual;
   if (x.has_value()) {
@@ -163,8 +167,8 @@ const float* add_norm_row(const c10::optional<torch::Tensor>& x, int64_t row, co
 // Arguments are checked by the Python wrapper: residual, h and normed [rows, n] float32 and
 // contiguous, x likewise (float32, or bfloat16 as a bf16 decode's matmuls give it) or absent
 // (then h is residual itself), weight [n] float32.
-void add_rms_norm_out(const c10::optional<torch::Tensor>& x, const torch::Tensor& residual, const torch::Tensor& weight,
-                      double eps, torch::Tensor h, torch::Tensor normed) {
+void add_rms_norm_out(const c10::optional<at::Tensor>& x, const at::Tensor& residual, const at::Tensor& weight,
+                      double eps, at::Tensor h, at::Tensor normed) {
   const int64_t n = weight.size(0), rows = residual.numel() / n;
   const float* res = residual.data_ptr<float>();
   float* hs = h.data_ptr<float>();
@@ -180,7 +184,7 @@ void add_rms_norm_out(const c10::optional<torch::Tensor>& x, const torch::Tensor
 // ---------------------------------------------------------------------------------------------
 // whole units of a batch-1 decode step
 // ---------------------------------------------------------------------------------------------
-void check_stream(const c10::optional<torch::Tensor>& x, const torch::Tensor& residual, const torch::Tensor& norm_weight) {
+void check_stream(const c10::optional<at::Tensor>& x, const at::Tensor& residual, const at::Tensor& norm_weight) {
   const int64_t n = residual.size(-1);
   TORCH_CHECK(residual.scalar_type() == at::kFloat && residual.is_contiguous() && residual.numel() == n,
               "residual must be one contiguous float32 row");
@@ -191,7 +195,7 @@ void check_stream(const c10::optional<torch::Tensor>& x, const torch::Tensor& re
   TORCH_CHECK(norm_weight.scalar_type() == at::kFloat && norm_weight.numel() == n, "norm weight must be [hidden] float32");
 }
 
-void check_weight(const torch::Tensor& w, int64_t cols, const c10::optional<torch::Tensor>& bias, at::ScalarType type,
+void check_weight(const at::Tensor& w, int64_t cols, const c10::optional<at::Tensor>& bias, at::ScalarType type,
                   const char* name) {
   TORCH_CHECK(w.dim() == 2 && w.size(1) == cols && w.scalar_type() == type && w.is_contiguous(), name,
               " must be a contiguous ", c10::toString(type), " [rows, ", cols, "] matrix");
@@ -201,15 +205,15 @@ void check_weight(const torch::Tensor& w, int64_t cols, const c10::optional<torc
 
 // The stream entering a unit: (h = x + residual, as a row pointer; the tensor holding it; normed row).
 struct Opened {
-  torch::Tensor h;
+  at::Tensor h;
   const float* row;
   std::vector<float> normed;
 };
 
-Opened open_unit(const c10::optional<torch::Tensor>& x, const torch::Tensor& residual, const torch::Tensor& norm_weight,
+Opened open_unit(const c10::optional<at::Tensor>& x, const at::Tensor& residual, const at::Tensor& norm_weight,
                  double eps) {
   const int64_t n = residual.size(-1);
-  Opened o{x.has_value() ? torch::empty_like(residual) : residual, nullptr, std::vector<float>(n)};
+  Opened o{x.has_value() ? at::empty_like(residual) : residual, nullptr, std::vector<float>(n)};
   o.row = add_norm_row(x, 0, residual.data_ptr<float>(), norm_weight.data_ptr<float>(), static_cast<float>(eps), n,
                        o.h.data_ptr<float>(), o.normed.data());
   return o;
@@ -217,9 +221,9 @@ Opened open_unit(const c10::optional<torch::Tensor>& x, const torch::Tensor& res
 
 // out = h + W x (+ b), float32: a unit's last matmul with the residual add in its epilogue.
 template <typename T>
-torch::Tensor add_gemv(const Opened& o, const torch::Tensor& residual, const torch::Tensor& w,
-                       const c10::optional<torch::Tensor>& bias, const T* x) {
-  auto out = torch::empty_like(residual);
+at::Tensor add_gemv(const Opened& o, const at::Tensor& residual, const at::Tensor& w,
+                       const c10::optional<at::Tensor>& bias, const T* x) {
+  auto out = at::empty_like(residual);
   float* y = out.data_ptr<float>();
   const T* b = bias_of<T>(bias);
   const float* h = o.row;
@@ -321,11 +325,11 @@ void attend(const float* q, const T* k_cache, const T* v_cache, int64_t n_head, 
 // v written into the layer's cache [1, n_kv, max_seq, head_dim], attention over the cache's first
 // pos + 1 positions (`attend`), output projection and residual add. Weights and cache are all
 // bfloat16 or all float32.
-torch::Tensor attention_decode(const c10::optional<torch::Tensor>& x, const torch::Tensor& residual,
-                               const torch::Tensor& norm_weight, double eps, const torch::Tensor& wqkv,
-                               const c10::optional<torch::Tensor>& bqkv, const torch::Tensor& wo,
-                               const c10::optional<torch::Tensor>& bo, const torch::Tensor& cos,
-                               const torch::Tensor& sin, int64_t pos, torch::Tensor k_cache, torch::Tensor v_cache,
+at::Tensor attention_decode(const c10::optional<at::Tensor>& x, const at::Tensor& residual,
+                               const at::Tensor& norm_weight, double eps, const at::Tensor& wqkv,
+                               const c10::optional<at::Tensor>& bqkv, const at::Tensor& wo,
+                               const c10::optional<at::Tensor>& bo, const at::Tensor& cos,
+                               const at::Tensor& sin, int64_t pos, at::Tensor k_cache, at::Tensor v_cache,
                                int64_t n_head) {
   check_stream(x, residual, norm_weight);
   const auto type = wqkv.scalar_type();
@@ -345,7 +349,7 @@ torch::Tensor attention_decode(const c10::optional<torch::Tensor>& x, const torc
   check_weight(wo, n_head * dim, bo, type, "wo");
   TORCH_CHECK(wo.size(0) == n, "wo must have hidden rows");
   // The weights' type T: the KV cache and the activations between the matmuls are in it too.
-  const auto run = [&](auto zero) -> torch::Tensor {
+  const auto run = [&](auto zero) -> at::Tensor {
     using T = decltype(zero);
     const int64_t half = dim / 2, heads = n_head + 2 * n_kv;
     Opened o = open_unit(x, residual, norm_weight, eps);
@@ -386,9 +390,9 @@ torch::Tensor attention_decode(const c10::optional<torch::Tensor>& x, const torc
 
 // Pre-norm SwiGLU FeedForward: w13 = [gate; up] fused, act = silu(gate) * up in float32, then
 // down projection and residual add. Weights all bfloat16 or all float32.
-torch::Tensor feed_forward_decode(const c10::optional<torch::Tensor>& x, const torch::Tensor& residual,
-                                  const torch::Tensor& norm_weight, double eps, const torch::Tensor& w13,
-                                  const torch::Tensor& w2) {
+at::Tensor feed_forward_decode(const c10::optional<at::Tensor>& x, const at::Tensor& residual,
+                                  const at::Tensor& norm_weight, double eps, const at::Tensor& w13,
+                                  const at::Tensor& w2) {
   check_stream(x, residual, norm_weight);
   const auto type = w13.scalar_type();
   TORCH_CHECK(type == at::kBFloat16 || type == at::kFloat, "w13 must be a contiguous bfloat16 or float32 matrix");
@@ -396,7 +400,7 @@ torch::Tensor feed_forward_decode(const c10::optional<torch::Tensor>& x, const t
   check_weight(w13, n, c10::nullopt, type, "w13");
   check_weight(w2, f, c10::nullopt, type, "w2");
   TORCH_CHECK(w13.size(0) == 2 * f && w2.size(0) == n, "w13 must be [2 * intermediate, hidden], w2 [hidden, intermediate]");
-  const auto run = [&](auto zero) -> torch::Tensor {
+  const auto run = [&](auto zero) -> at::Tensor {
     using T = decltype(zero);
     Opened o = open_unit(x, residual, norm_weight, eps);
     std::vector<float> gate_up(2 * f);
@@ -414,9 +418,9 @@ torch::Tensor feed_forward_decode(const c10::optional<torch::Tensor>& x, const t
 
 // A removed unit's fitted bypass, h + (RMSNorm(h) @ down) @ up + bias, float32 throughout (its
 // matrices are small: rank x hidden).
-torch::Tensor bypass_decode(const c10::optional<torch::Tensor>& x, const torch::Tensor& residual,
-                            const torch::Tensor& norm_weight, double eps, const torch::Tensor& down,
-                            const torch::Tensor& up, const torch::Tensor& bias) {
+at::Tensor bypass_decode(const c10::optional<at::Tensor>& x, const at::Tensor& residual,
+                            const at::Tensor& norm_weight, double eps, const at::Tensor& down,
+                            const at::Tensor& up, const at::Tensor& bias) {
   check_stream(x, residual, norm_weight);
   const int64_t n = residual.size(-1), rank = down.size(1);
   TORCH_CHECK(down.dim() == 2 && down.size(0) == n && up.dim() == 2 && up.size(0) == rank && up.size(1) == n &&
@@ -431,7 +435,7 @@ torch::Tensor bypass_decode(const c10::optional<torch::Tensor>& x, const torch::
     const float* row = d + i * rank;
     for (int64_t j = 0; j < rank; j++) z[j] += a * row[j];
   }
-  auto out = torch::empty_like(residual);
+  auto out = at::empty_like(residual);
   float* y = out.data_ptr<float>();
   const float* b = bias.data_ptr<float>();
   std::vector<float> acc(b, b + n);

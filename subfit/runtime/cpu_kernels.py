@@ -17,14 +17,17 @@ step goes further: `attention_decode`, `feed_forward_decode` and `bypass_decode`
 unit (norm, matmuls, RoPE, cache write and attention, activation, residual add) in one call, where
 op by op a unit was 10-30 dispatches of tiny tensors.
 
-The extension is compiled with the machine's C++ compiler the first time a process needs it
-(about half a minute; cached under TORCH_EXTENSIONS_DIR, ~/.cache/torch_extensions by default).
+The extension is compiled with the machine's C++ compiler the first time a process needs it (about
+12 s on the 2-core CPU; cached under TORCH_EXTENSIONS_DIR, ~/.cache/torch_extensions by default, per
+checkout). Commands that will run on the CPU start that build in the background before they load
+the model (`build_in_background`), so a first run pays for the longer of the two, not their sum.
 Where it cannot be built or the CPU lacks the instructions, `kernel_for` and `decode_kernels` return
 None and callers use PyTorch ops: slower, same results up to float32 summation order.
 """
 from __future__ import annotations
 
 import functools
+import threading
 import warnings
 from pathlib import Path
 
@@ -41,9 +44,17 @@ def supported() -> bool:
     return cpu_has("avx512_f", "avx512_bw", "avx512_vl", "avx512_bf16")
 
 
-@functools.cache
+_BUILD_LOCK = threading.Lock()  # one build at a time; a caller waits for the one under way
+
+
 def _extension():
     """The compiled module, or None (with one warning saying why) where it cannot be built."""
+    with _BUILD_LOCK:
+        return _build()
+
+
+@functools.cache
+def _build():
     if not supported():
         return None
     try:
@@ -55,6 +66,13 @@ def _extension():
                       "CPU decode falls back to PyTorch ops, which are slower. Install a C++ compiler (g++) and "
                       "ninja to get them.", RuntimeWarning, stacklevel=3)
         return None
+
+
+def build_in_background() -> None:
+    """Start building (or loading) the extension on a thread, for a command about to spend seconds on
+    something else, such as loading a model. Not a daemon thread: a build cut off at exit would
+    leave its lock file behind and block every later build."""
+    threading.Thread(target=_extension, name="subfit-cpu-kernels-build").start()
 
 
 def kernel_for(weight: torch.Tensor):

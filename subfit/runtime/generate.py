@@ -17,6 +17,7 @@ from pathlib import Path
 import torch
 
 import subfit.runtime.tensor_parallel as tensor_parallel
+from subfit.runtime import cpu_kernels
 from subfit import models
 from subfit.devices import check_device, default_device
 from subfit.models import Decoder
@@ -487,6 +488,8 @@ def load(plan: Plan | str | os.PathLike | None, device: str | torch.device | Non
         name = tensor_parallel.model_name(source.path, source.gguf_file)
         tensor_parallel.check(tp, models.load_config(source), name)
         device = tensor_parallel.rank_device(device)
+    elif device.type == "cpu":
+        cpu_kernels.build_in_background()  # a first build overlaps the model's load
     hf_model, tokenizer, _ = models.load(source, dtype=read_dtype(dtype, device), device=device)
     if not is_plan:
         plan = Plan.empty(Decoder(hf_model), source)

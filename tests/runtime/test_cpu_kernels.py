@@ -181,3 +181,35 @@ def test_torch_ops_use_the_kernel_for_float32_and_plain_ops_otherwise():
     half = residual.bfloat16()
     normed, _ = ops.add_rms_norm(None, half, weight.bfloat16(), 1e-5)
     assert normed.dtype == torch.bfloat16 and torch.equal(normed, rms_norm(half, weight.bfloat16(), 1e-5))
+
+
+BUILD_RACE = """
+import threading, time
+import torch.utils.cpp_extension as cpp_extension
+from subfit.runtime import cpu_kernels
+
+real_load, calls = cpp_extension.load, []
+def slow_load(*args, **kwargs):  # a build that takes a while, so the callers below overlap it
+    calls.append(1)
+    time.sleep(0.5)
+    return real_load(*args, **kwargs)
+cpp_extension.load = slow_load
+cpu_kernels.build_in_background()
+cpu_kernels.build_in_background()
+module = cpu_kernels.decode_kernels()
+for thread in threading.enumerate():
+    if thread.name == "subfit-cpu-kernels-build":
+        thread.join()
+print(len(calls), module is not None and module is cpu_kernels.decode_kernels())
+"""
+
+
+def test_a_background_build_is_shared_by_every_caller():
+    """Commands start the build before loading a model; whoever needs the kernels meanwhile waits
+    for that build instead of starting another."""
+    import subprocess
+    import sys
+
+    done = subprocess.run([sys.executable, "-c", BUILD_RACE], capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.split() == ["1", "True"]
