@@ -1,12 +1,12 @@
 """Keeping a long compress's page faults and resident memory close to what it needs.
 
 A walk allocates and frees thousands of tensors of a few to tens of MB (one batch's stream, its
-activations, a unit's statistics, a probe's logits). glibc maps a block above its mmap threshold
-(at most 32 MB) on its own and unmaps it when freed, so the next such block is faulted in page by
-page again: ~10 million page faults in a 1-minute compress, an eighth of its CPU time in the
-kernel. Blocks under the threshold it serves from its heap, whose free holes it keeps mapped: over
-the dozens of walks of a multi-level compress the resident memory grows by the holes, not by what
-compress holds (`tests/test_compress_memory.py` pins the threshold for that reason).
+activations, a unit's statistics, a probe's logits, 50 MB per candidate). glibc maps a block above
+its mmap threshold (at most 32 MB) on its own and unmaps it when freed, so the next such block is
+faulted in page by page again. Blocks under the threshold it serves from its heap, whose free
+holes it keeps mapped: over the dozens of walks of a multi-level compress the resident memory
+grows by the holes, not by what compress holds (`tests/test_compress_memory.py` pins the
+threshold for that reason).
 
 `heap_for_walks` serves every block from the heap while compress runs, and `release_freed_memory`
 hands the heap's free pages back between walks: pages are reused within a walk, returned after it.
@@ -49,10 +49,10 @@ def release_freed_memory() -> None:
 def heap_for_walks() -> Iterator[None]:
     """Within the block, glibc serves every block from its heap and keeps freed memory for reuse
     (no mmap, no trimming on free); `release_freed_memory` between walks returns what is free.
-    Measured on a one-draw 12.5% compress of SmolLM2: 10.0 -> 1.4 million page faults, 15.7 -> 2.6 s
-    of kernel time, 58 -> 52 s, peak 2.11 -> 2.26 GB. Afterwards glibc's default limits are set
-    again (its mmap threshold no longer adapts) and the free heap pages are returned. An allocator configured through the environment
-    (MALLOC_* variables, e.g. MALLOC_MMAP_THRESHOLD_) is left as it was asked to be."""
+    The quick start's probes take 55 s instead of 78, its peak is 2.16 GB instead of 2.09
+    (bench/results/compress_profile.md). Afterwards glibc's default limits are set again (its
+    mmap threshold no longer adapts) and the free heap pages are returned. An allocator set up
+    through the environment (MALLOC_* variables, e.g. MALLOC_MMAP_THRESHOLD_) is left as it is."""
     mallopt = _libc("mallopt")
     if mallopt is None or any(name.startswith("MALLOC_") for name in os.environ):
         yield
