@@ -11,7 +11,6 @@ from subfit.config import DevOptions, SubFitConfig, check_sparsity
 from subfit.evaluation import mean_token_loss
 from subfit.fitting import LinearFit, fit_in_basis, reduced_rank_fit
 from subfit.hardware import bf16_matmuls
-from subfit.memory import heap_for_walks
 from subfit.models import Decoder
 from subfit.plan import Bypass, Plan
 from subfit.reference import ReferenceModel
@@ -69,53 +68,52 @@ def compress_levels(model=None, levels: Sequence[float] = (0.25,), calib: Calibr
             raise ValueError(problem)
     if not any(levels):  # nothing to remove: no calibration, no walks
         return [Plan.empty(decoder, source) for _ in levels]
-    with heap_for_walks():  # thousands of large blocks: reused, not faulted in anew (subfit/memory.py)
-        calib_ids, calib_info = _calibration(calib, model, tokenizer, config)
+    calib_ids, calib_info = _calibration(calib, model, tokenizer, config)
 
-        ranks = config.ranks(decoder.hidden_size)
-        groups = unit_groups(decoder.num_layers, dev.granularity)
-        sizes = group_sizes(groups, empty.unit_params)
-        quotas = [int(s * empty.block_params) for s in levels]
-        walk_args = dict(batch_size=dev.batch_size, device=config.device, progress=progress)
-        fit_ids, validation_ids = validation_split(calib_ids, config.selection_draws, config.seed)
-        home = next(model.parameters()).device
-        chosen: list[tuple[float, Plan] | None] = [None] * len(levels)  # per level: (held-out loss, plan)
-        losses: list[list[float]] = [[] for _ in levels]
-        for draw in range(config.selection_draws):
-            scoring_ids, probe_ids = scoring_and_probe_ids(draw_order(fit_ids, draw, config.seed),
-                                                           dev.scoring_sequences(fit_ids.shape[0]), dev.probe_samples)
-            selector = Selector(decoder, groups, sizes, ranks, config.ridge, scoring_ids, probe_ids, dev.shortlist,
-                                walk_args, reuse_first_walk=dev.contiguous and len(levels) > 1)
-            if dev.contiguous:
-                selected = {q: selector.window(q) for q in quotas}
-            else:
-                selected = selector.trajectory(quotas, int(dev.step * empty.block_params))
-            del selector  # a walk's statistics and checkpoints are large: one draw's at a time
-            for i, (sparsity, quota) in enumerate(zip(levels, quotas)):
-                removed, basis = selected[quota]
-                plan = Plan.empty(decoder, source)
-                plan.method = {"name": "subfit", "sparsity": sparsity, "config": config.record(),
-                               "options": dev.record(), "calibration": calib_info}
-                if not dev.bypass:
-                    for kind, layer in removed:
-                        plan.actions(kind)[layer] = "delete"
-                elif removed:
-                    plan.method["bypass_errors"] = _fit_bypasses(plan, decoder, fit_ids, removed, basis, ranks,
-                                                                 config.ridge, walk_args)
-                plan.validate()
-                loss = 0.0
-                if config.selection_draws > 1:  # one sequence at a time: a batch's logits outgrow the walks' memory
-                    loss = mean_token_loss(ReferenceModel(model, plan, check_base=False), validation_ids.to(home), 1)
-                    losses[i].append(loss)
-                if chosen[i] is None or loss < chosen[i][0]:
-                    chosen[i] = (loss, plan)
-        plans = [plan for _, plan in chosen]
-        if config.selection_draws > 1:
-            for plan, level_losses in zip(plans, losses):
-                plan.method["selection"] = {"draw": level_losses.index(min(level_losses)),
-                                            "validation_loss": level_losses,
-                                            "validation_samples": validation_ids.shape[0]}
-        return plans
+    ranks = config.ranks(decoder.hidden_size)
+    groups = unit_groups(decoder.num_layers, dev.granularity)
+    sizes = group_sizes(groups, empty.unit_params)
+    quotas = [int(s * empty.block_params) for s in levels]
+    walk_args = dict(batch_size=dev.batch_size, device=config.device, progress=progress)
+    fit_ids, validation_ids = validation_split(calib_ids, config.selection_draws, config.seed)
+    home = next(model.parameters()).device
+    chosen: list[tuple[float, Plan] | None] = [None] * len(levels)  # per level: (held-out loss, plan)
+    losses: list[list[float]] = [[] for _ in levels]
+    for draw in range(config.selection_draws):
+        scoring_ids, probe_ids = scoring_and_probe_ids(draw_order(fit_ids, draw, config.seed),
+                                                       dev.scoring_sequences(fit_ids.shape[0]), dev.probe_samples)
+        selector = Selector(decoder, groups, sizes, ranks, config.ridge, scoring_ids, probe_ids, dev.shortlist,
+                            walk_args, reuse_first_walk=dev.contiguous and len(levels) > 1)
+        if dev.contiguous:
+            selected = {q: selector.window(q) for q in quotas}
+        else:
+            selected = selector.trajectory(quotas, int(dev.step * empty.block_params))
+        del selector  # a walk's statistics and checkpoints are large: one draw's at a time
+        for i, (sparsity, quota) in enumerate(zip(levels, quotas)):
+            removed, basis = selected[quota]
+            plan = Plan.empty(decoder, source)
+            plan.method = {"name": "subfit", "sparsity": sparsity, "config": config.record(),
+                           "options": dev.record(), "calibration": calib_info}
+            if not dev.bypass:
+                for kind, layer in removed:
+                    plan.actions(kind)[layer] = "delete"
+            elif removed:
+                plan.method["bypass_errors"] = _fit_bypasses(plan, decoder, fit_ids, removed, basis, ranks,
+                                                             config.ridge, walk_args)
+            plan.validate()
+            loss = 0.0
+            if config.selection_draws > 1:  # one sequence at a time: a batch's logits outgrow the walks' memory
+                loss = mean_token_loss(ReferenceModel(model, plan, check_base=False), validation_ids.to(home), 1)
+                losses[i].append(loss)
+            if chosen[i] is None or loss < chosen[i][0]:
+                chosen[i] = (loss, plan)
+    plans = [plan for _, plan in chosen]
+    if config.selection_draws > 1:
+        for plan, level_losses in zip(plans, losses):
+            plan.method["selection"] = {"draw": level_losses.index(min(level_losses)),
+                                        "validation_loss": level_losses,
+                                        "validation_samples": validation_ids.shape[0]}
+    return plans
 
 
 def peak_memory(decoder: Decoder, sequences: int, length: int, config: SubFitConfig | None = None,
