@@ -61,7 +61,8 @@ def quickstart_time() -> str:
     """The quick start's measured cost (`compress_cpu.json`, job `self`)."""
     job = _json("compress_cpu.json")["jobs"]["self"]
     return (f"On the 2-core CPU this compress takes {job['seconds'] / 60:.1f} minutes as a first run, loading the "
-            f"model and building the C++ kernels included (peak memory {job['peak_rss_gb']:.1f} GB); its plan measures {job['ppl_ratio']['0.25']:.2f}x dense "
+            f"model and building the C++ kernels included (peak memory {job['peak_rss_gb']:.1f} GB); its plan "
+            f"measures {job['ppl_ratio']['0.25']:.2f}x dense "
             "WikiText-2 perplexity (`bench/results/compress_cpu.md`).")
 
 

@@ -96,7 +96,8 @@ def write_results():
              "levels": "`compress_levels` at 12.5%, 18.75%, 25%, 31.25%, 37.5% on wiki_passages.txt, one call"}
     lines = ["# Compress: cost and quality, SmolLM2-135M-Instruct, compress's defaults", "",
              f"`python -m pytest {' '.join(sys.argv[1:])}` on {machine}. Time is a first run's: it includes loading "
-             "the model and building the C++ kernels; WikiText-2 perplexity (window 1024, first 16,384 tokens) as a ratio to the dense model.", "",
+             "the model and building the C++ kernels; WikiText-2 perplexity (window 1024, first 16,384 tokens) "
+             "as a ratio to the dense model.", "",
              "| job | time | peak memory | exact sparsity | WikiText-2, x dense |", "|---|---:|---:|---:|---:|"]
     for job, result in RESULTS.items():
         levels = ", ".join(result["sparsity"])

@@ -222,7 +222,7 @@ Opened open_unit(const c10::optional<at::Tensor>& x, const at::Tensor& residual,
 // out = h + W x (+ b), float32: a unit's last matmul with the residual add in its epilogue.
 template <typename T>
 at::Tensor add_gemv(const Opened& o, const at::Tensor& residual, const at::Tensor& w,
-                       const c10::optional<at::Tensor>& bias, const T* x) {
+                    const c10::optional<at::Tensor>& bias, const T* x) {
   auto out = at::empty_like(residual);
   float* y = out.data_ptr<float>();
   const T* b = bias_of<T>(bias);
@@ -326,11 +326,11 @@ void attend(const float* q, const T* k_cache, const T* v_cache, int64_t n_head, 
 // pos + 1 positions (`attend`), output projection and residual add. Weights and cache are all
 // bfloat16 or all float32.
 at::Tensor attention_decode(const c10::optional<at::Tensor>& x, const at::Tensor& residual,
-                               const at::Tensor& norm_weight, double eps, const at::Tensor& wqkv,
-                               const c10::optional<at::Tensor>& bqkv, const at::Tensor& wo,
-                               const c10::optional<at::Tensor>& bo, const at::Tensor& cos,
-                               const at::Tensor& sin, int64_t pos, at::Tensor k_cache, at::Tensor v_cache,
-                               int64_t n_head) {
+                            const at::Tensor& norm_weight, double eps, const at::Tensor& wqkv,
+                            const c10::optional<at::Tensor>& bqkv, const at::Tensor& wo,
+                            const c10::optional<at::Tensor>& bo, const at::Tensor& cos,
+                            const at::Tensor& sin, int64_t pos, at::Tensor k_cache, at::Tensor v_cache,
+                            int64_t n_head) {
   check_stream(x, residual, norm_weight);
   const auto type = wqkv.scalar_type();
   TORCH_CHECK(type == at::kBFloat16 || type == at::kFloat, "wqkv must be bfloat16 or float32");
@@ -391,8 +391,8 @@ at::Tensor attention_decode(const c10::optional<at::Tensor>& x, const at::Tensor
 // Pre-norm SwiGLU FeedForward: w13 = [gate; up] fused, act = silu(gate) * up in float32, then
 // down projection and residual add. Weights all bfloat16 or all float32.
 at::Tensor feed_forward_decode(const c10::optional<at::Tensor>& x, const at::Tensor& residual,
-                                  const at::Tensor& norm_weight, double eps, const at::Tensor& w13,
-                                  const at::Tensor& w2) {
+                               const at::Tensor& norm_weight, double eps, const at::Tensor& w13,
+                               const at::Tensor& w2) {
   check_stream(x, residual, norm_weight);
   const auto type = w13.scalar_type();
   TORCH_CHECK(type == at::kBFloat16 || type == at::kFloat, "w13 must be a contiguous bfloat16 or float32 matrix");
@@ -419,8 +419,8 @@ at::Tensor feed_forward_decode(const c10::optional<at::Tensor>& x, const at::Ten
 // A removed unit's fitted bypass, h + (RMSNorm(h) @ down) @ up + bias, float32 throughout (its
 // matrices are small: rank x hidden).
 at::Tensor bypass_decode(const c10::optional<at::Tensor>& x, const at::Tensor& residual,
-                            const at::Tensor& norm_weight, double eps, const at::Tensor& down,
-                            const at::Tensor& up, const at::Tensor& bias) {
+                         const at::Tensor& norm_weight, double eps, const at::Tensor& down,
+                         const at::Tensor& up, const at::Tensor& bias) {
   check_stream(x, residual, norm_weight);
   const int64_t n = residual.size(-1), rank = down.size(1);
   TORCH_CHECK(down.dim() == 2 && down.size(0) == n && up.dim() == 2 && up.size(0) == rank && up.size(1) == n &&
