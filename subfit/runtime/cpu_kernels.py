@@ -18,7 +18,7 @@ unit (norm, matmuls, RoPE, cache write and attention, activation, residual add) 
 op by op a unit was 10-30 dispatches of tiny tensors.
 
 The extension is compiled with the machine's C++ compiler the first time a process needs it (about
-12 s on the 2-core CPU; cached under TORCH_EXTENSIONS_DIR, ~/.cache/torch_extensions by default, per
+13 s on the 2-core CPU; cached under TORCH_EXTENSIONS_DIR, ~/.cache/torch_extensions by default, per
 checkout). Commands that will run on the CPU start that build in the background before they load
 the model (`build_in_background`), so a first run pays for the longer of the two, not their sum.
 Where it cannot be built or the CPU lacks the instructions, `kernel_for` and `decode_kernels` return
