@@ -16,8 +16,8 @@ from pathlib import Path
 
 import torch
 
+import subfit.runtime.cpu_kernels as cpu_kernels
 import subfit.runtime.tensor_parallel as tensor_parallel
-from subfit.runtime import cpu_kernels
 from subfit import models
 from subfit.devices import check_device, default_device
 from subfit.models import Decoder
