@@ -60,9 +60,10 @@ def _json(name: str) -> dict:
 def quickstart_time() -> str:
     """The quick start's measured cost (`compress_cpu.json`, job `self`)."""
     job = _json("compress_cpu.json")["jobs"]["self"]
-    return (f"On the 2-core CPU this compress takes {job['seconds'] / 60:.1f} minutes as a first run, loading the "
-            f"model and building the C++ kernels included (peak memory {job['peak_rss_gb']:.1f} GB); its plan "
-            f"measures {job['ppl_ratio']['0.25']:.2f}x dense "
+    return (f"On the 2-core CPU this compress takes {job['seconds'] / 60:.1f} minutes, loading the model and "
+            f"building the C++ kernels included (peak memory {job['peak_rss_gb']:.1f} GB; right after a fresh install "
+            f"it takes longer, see `bench/results/compress_profile.md`); its plan measures "
+            f"{job['ppl_ratio']['0.25']:.2f}x dense "
             "WikiText-2 perplexity (`bench/results/compress_cpu.md`).")
 
 
