@@ -19,7 +19,7 @@
 // its work: together they were a third of a bf16 step on SmolLM2. Weights and KV cache are all
 // bfloat16 or all float32; inside, the activations between the matmuls stay float32 and are
 // rounded to the weights' type only where a matmul or the cache reads them.
-// Only the headers the kernels use: <torch/extension.h> (the whole C++ frontend) would triple the
+// Only the headers the kernels use: <torch/extension.h> (the whole C++ frontend) would double the
 // first build's time, which a user's first command waits for.
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty_like.h>

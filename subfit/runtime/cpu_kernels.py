@@ -64,7 +64,7 @@ def _build():
     except Exception as e:  # no compiler or ninja: decode still works, on PyTorch ops
         warnings.warn(f"subfit's CPU decode kernels could not be built ({type(e).__name__}: {str(e)[:200]}); "
                       "CPU decode falls back to PyTorch ops, which are slower. Install a C++ compiler (g++) and "
-                      "ninja to get them.", RuntimeWarning, stacklevel=3)
+                      "ninja to get them.", RuntimeWarning, stacklevel=4)
         return None
 
 
