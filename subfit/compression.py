@@ -11,6 +11,7 @@ from subfit.config import DevOptions, SubFitConfig, check_sparsity
 from subfit.evaluation import mean_token_loss
 from subfit.fitting import LinearFit, fit_in_basis, reduced_rank_fit
 from subfit.hardware import bf16_matmuls
+from subfit.memory import heap_kept_during_compress
 from subfit.models import Decoder
 from subfit.plan import Bypass, Plan
 from subfit.reference import ReferenceModel
@@ -34,6 +35,7 @@ def compress(model=None, sparsity: float = 0.25, calib: Calibration = None, *, t
                            progress=progress)[0]
 
 
+@heap_kept_during_compress()  # freed blocks reused, not faulted in afresh (subfit/memory.py)
 def compress_levels(model=None, levels: Sequence[float] = (0.25,), calib: Calibration = None, *, tokenizer=None,
                     config: SubFitConfig | None = None, dev: DevOptions | None = None,
                     progress: bool = True) -> list[Plan]:

@@ -88,6 +88,7 @@ def main(argv: list[str]) -> int:
     config = SubFitConfig(**{k: v for k, v in overrides.items() if k in config_fields})
     dev = DevOptions(**{k: v for k, v in overrides.items() if k not in config_fields})
     start = time.perf_counter()
+    faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
     memory.phase = "model load"
     model, tokenizer, _ = models.load(None)
     memory.phase = OUTSIDE
@@ -105,6 +106,7 @@ def main(argv: list[str]) -> int:
         "load_s": loaded - start, "compress_s": total,
         "phases": {k: {"seconds": sum(v), "calls": len(v)} for k, v in phases.items()},
         "peak_rss_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20,
+        "page_faults": resource.getrusage(resource.RUSAGE_SELF).ru_minflt - faults,  # load and compress
         "config": config.record(), "options": dev.record(),
         "plans": [{"sparsity": p.accounting()["sparsity"], "removed": p.removed_units(),
                    "selection": p.method.get("selection")} for p in plans],
@@ -121,7 +123,8 @@ def main(argv: list[str]) -> int:
         Path(f"{args.out}.md").write_text("\n".join([
             f"# Where compress spends its time: SmolLM2-135M-Instruct at {', '.join(map(str, args.sparsity))}", "",
             f"`{result['command']}` on {result['machine']}: compress {total:.0f} s ({total / 60:.1f} min), model "
-            f"load {result['load_s']:.0f} s, peak resident memory {result['peak_rss_gb']:.2f} GB.", "",
+            f"load {result['load_s']:.0f} s, peak resident memory {result['peak_rss_gb']:.2f} GB, "
+            f"{result['page_faults'] / 1e6:.1f} million page faults.", "",
             "| phase | calls | time | share | peak memory |", "|---|---:|---:|---:|---:|", *rows, ""]))
     return 0
 
