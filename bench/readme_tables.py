@@ -58,11 +58,14 @@ def _json(name: str) -> dict:
 
 
 def quickstart_time() -> str:
-    """The quick start's measured cost (`compress_cpu.json`, job `self`)."""
+    """The quick start's measured cost (`compress_cpu.json`, job `self`), beside the same benchmark's
+    earlier run (`compress_profile.json`): one run does not show this machine's drift."""
     job = _json("compress_cpu.json")["jobs"]["self"]
+    earlier = _json("compress_profile.json")["quick_start_first_run_earlier"]
     return (f"On the 2-core CPU this compress takes {job['seconds'] / 60:.1f} minutes, loading the model and "
-            f"building the C++ kernels included (peak memory {job['peak_rss_gb']:.1f} GB; right after a fresh install "
-            f"it takes longer, see `bench/results/compress_profile.md`); its plan measures "
+            f"building the C++ kernels included (peak memory {job['peak_rss_gb']:.1f} GB; {earlier['seconds'] / 60:.1f} "
+            "minutes in a run an hour earlier: this machine's speed drifts, see `bench/results/compress_profile.md`); "
+            "its plan measures "
             f"{job['ppl_ratio']['0.25']:.2f}x dense "
             "WikiText-2 perplexity (`bench/results/compress_cpu.md`).")
 

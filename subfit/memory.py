@@ -4,10 +4,11 @@ A walk allocates and frees thousands of tensors of a few MB (one batch's stream,
 activations, a unit's statistics; a probe's logits are 50 MB). Left to itself, glibc maps every
 block over its mmap threshold (raised as large blocks are freed, to 32 MB at most) on its own
 and hands the top of its heap back as soon as it is freed, so each new tensor's pages are
-faulted in again: one scoring walk of the embedded SmolLM2 took 0.5-2 million page faults, about
-a fifth of its time (bench/results/compress_profile.md). `heap_kept_during_compress` keeps freed blocks
-mapped for reuse while compress runs; `release_freed_memory` hands the free pages back once per
-walk and probe, so the resident memory follows what compress holds, not the holes it freed.
+faulted in again: a one-draw quick start took 18-19 million page faults, 2.9 million with freed
+blocks kept, and 4-14% less time (bench/results/compress_profile.md). `heap_kept_during_compress`
+keeps freed blocks mapped for reuse while compress runs; `release_freed_memory` hands the free
+pages back once per walk and probe, so the resident memory follows what compress holds, not the
+holes it freed.
 """
 from __future__ import annotations
 
