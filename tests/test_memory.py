@@ -1,6 +1,8 @@
-"""`release_freed_memory` returns the heap's free holes to the system: in a fresh process, 256 MB
-of freed heap blocks (64 KB each, under any mmap threshold) pinned in place by small live ones
-leave the resident memory only once it is called."""
+"""glibc's heap during compress, in fresh child processes: `release_freed_memory` returns the
+heap's free holes (256 MB of freed 64 KB blocks pinned in place by small live ones leave the
+resident memory only once it is called), and `heap_kept_during_compress` reuses freed large blocks
+instead of faulting new ones in, gives them back on the way out, and leaves a user's own settings
+alone."""
 import json
 import os
 import subprocess
