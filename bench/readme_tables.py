@@ -64,9 +64,8 @@ def quickstart_time() -> str:
     earlier = _json("compress_profile.json")["quick_start_first_run_earlier"]
     return (f"On the 2-core CPU this compress takes {job['seconds'] / 60:.1f} minutes, loading the model and "
             f"building the C++ kernels included (peak memory {job['peak_rss_gb']:.1f} GB; {earlier['seconds'] / 60:.1f} "
-            "minutes in a run an hour earlier: this machine's speed drifts, see `bench/results/compress_profile.md`); "
-            "its plan measures "
-            f"{job['ppl_ratio']['0.25']:.2f}x dense "
+            "minutes in another run of the same benchmark: this machine's speed drifts, see "
+            f"`bench/results/compress_profile.md`); its plan measures {job['ppl_ratio']['0.25']:.2f}x dense "
             "WikiText-2 perplexity (`bench/results/compress_cpu.md`).")
 
 
