@@ -1,6 +1,7 @@
 """Orchestration only: model -> calibration -> statistics -> selection and fitting -> Plan."""
 from __future__ import annotations
 
+import math
 import os
 from typing import Sequence
 
@@ -15,7 +16,7 @@ from subfit.memory import heap_kept_during_compress
 from subfit.models import Decoder
 from subfit.plan import Bypass, Plan
 from subfit.reference import ReferenceModel
-from subfit.selection import (CHECKPOINTS_PER_WALK, Selector, as_bypass, draw_order, group_sizes, infeasible,
+from subfit.selection import (Selector, as_bypass, checkpoint_every, draw_order, group_sizes, infeasible,
                               scoring_and_probe_ids, token_weights, unit_groups, validation_split)
 from subfit.stats import Unit, UnitStats, walk
 
@@ -105,7 +106,8 @@ def compress_levels(model=None, levels: Sequence[float] = (0.25,), calib: Calibr
             plan.validate()
             loss = 0.0
             if config.selection_draws > 1:  # one sequence at a time: a batch's logits outgrow the walks' memory
-                loss = mean_token_loss(ReferenceModel(model, plan, check_base=False), validation_ids.to(home), 1)
+                with bf16_matmuls(home):  # as the walks run: the draws' losses differ by 1e-2, bf16 moves them 1e-3
+                    loss = mean_token_loss(ReferenceModel(model, plan, check_base=False), validation_ids.to(home), 1)
                 losses[i].append(loss)
             if chosen[i] is None or loss < chosen[i][0]:
                 chosen[i] = (loss, plan)
@@ -131,6 +133,7 @@ def peak_memory(decoder: Decoder, sequences: int, length: int, config: SubFitCon
     ranks = config.ranks(d)
     layer = sum(p.numel() for p in decoder.layers[0].parameters())
     stream = sequences * length * d * 4
+    scored_stream = dev.scoring_sequences(sequences) * length * d * 4
     unit_stats = (2 * d * d + 2 * d) * 8
     return {
         "one layer": layer * 6,
@@ -138,7 +141,7 @@ def peak_memory(decoder: Decoder, sequences: int, length: int, config: SubFitCon
         "one batch's activations": dev.batch_size * length * (3 * f + 6 * d) * 4,
         "one layer's statistics": 2 * unit_stats + dev.batch_size * length * 2 * d * 16,
         "candidate bypasses": n * (2 * d * (ranks["attn"] + ranks["ffn"]) + 2 * d) * 4,
-        "checkpoints (model's device)": CHECKPOINTS_PER_WALK * dev.scoring_sequences(sequences) * length * d * 4,
+        "checkpoints (model's device)": math.ceil(n / checkpoint_every(n, scored_stream)) * scored_stream,
         "FeedForward statistics (model's device)": 2 * n * unit_stats,
     }
 

@@ -254,7 +254,16 @@ class _Walk:
     checkpoints: Checkpoints
 
 
-CHECKPOINTS_PER_WALK = 6  # streams kept per walk (each = calibration tokens x hidden x 4 bytes)
+CHECKPOINT_BYTES = 512 * 2**20  # a scoring walk's residual streams kept for the next walk to resume from
+MIN_CHECKPOINTS = 6  # streams kept per walk however large each is (calibration tokens x hidden x 4 bytes)
+
+
+def checkpoint_every(num_layers: int, stream_bytes: int) -> int:
+    """Layers between a scoring walk's checkpoints: every layer's stream where CHECKPOINT_BYTES
+    hold them all, so the next walk redoes no layer in front of its first newly removed unit; else
+    as many streams as fit, and at least MIN_CHECKPOINTS."""
+    fitting = max(1, math.ceil(num_layers * stream_bytes / CHECKPOINT_BYTES))
+    return min(fitting, math.ceil(num_layers / MIN_CHECKPOINTS))
 
 
 class Selector:
@@ -278,7 +287,7 @@ class Selector:
         self.device = walk_args.get("device") or self.home
         products = torch.bfloat16 if fast_bf16(self.device) else torch.float32
         self.walk_args = dict(walk_args, weights=token_weights, product_dtype=products)
-        self.checkpoint_every = math.ceil(decoder.num_layers / CHECKPOINTS_PER_WALK)
+        self.checkpoint_every = checkpoint_every(decoder.num_layers, scoring_ids.numel() * decoder.hidden_size * 4)
         self.walks = 0
         # The first walk (nothing removed) is the same for every level: kept, with its checkpoints,
         # while several levels will start from it.

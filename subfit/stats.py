@@ -46,8 +46,8 @@ class UnitStats:
         self.weight = torch.zeros((), **f64)
         self.mean_x = torch.zeros(d_in, **f64)
         self.mean_y = torch.zeros(d_out, **f64)
-        self.xx = torch.zeros(d_in, d_in, **f64)  # sum of w (x - mean_x)(x - mean_x)^T
-        self.xy = torch.zeros(d_in, d_out, **f64)  # sum of w (x - mean_x)(y - mean_y)^T
+        # sum of w (x - mean_x)(z - mean_z)^T for z = [x, y]: xx and xy side by side, merged in one pass
+        self.xz = torch.zeros(d_in, d_in + d_out, **f64)
         self.yy = torch.zeros((), **f64)  # sum of w ||y - mean_y||^2
         self.energy = torch.zeros((), **f64)  # sum of w * ||h||^2: the stream the error is relative to
         self.tokens = 0
@@ -65,28 +65,37 @@ class UnitStats:
             mean = approx.double() + residue.double()
             p, r = self.product_dtype, residue.double()
             low = scaled.to(p)
-            gram = (low[:, :d_in].T @ low).double() - weight * torch.outer(r[:d_in], r)
+            gram = low[:, :d_in].T @ low  # merged into the float64 sums as it is, without a float64 copy
             yy = torch.linalg.vector_norm(scaled[:, d_in:]).double().square() - weight * r[d_in:].pow(2).sum()
             norms = torch.linalg.vector_norm(hidden.reshape(-1, hidden.shape[-1]).to(work), dim=-1)
             energy = (w_work * norms.square()).sum().double()
-        # Merge the batch's centred moments into the running ones.
-        total = self.weight + weight
-        shift = torch.cat([self.mean_x, self.mean_y]) - mean  # running mean minus batch mean
-        scale = self.weight * weight / total
-        self.xx += gram[:, :d_in] + scale * torch.outer(shift[:d_in], shift[:d_in])
-        self.xy += gram[:, d_in:] + scale * torch.outer(shift[:d_in], shift[d_in:])
-        self.yy += yy + scale * shift[d_in:].pow(2).sum()
-        merged = mean + shift * (self.weight / total)
-        self.mean_x, self.mean_y = merged[:d_in], merged[d_in:]
-        self.weight = total
-        self.energy += energy
+            # Merge the batch's centred moments into the running ones in place: its Gram, less what
+            # the rounded mean missed, plus the shift between the running and the batch mean (rank-one
+            # terms; the weights scale a vector, not the matrix).
+            total = self.weight + weight
+            shift = torch.cat([self.mean_x, self.mean_y]) - mean  # running mean minus batch mean
+            scale = self.weight * weight / total
+            self.xz.add_(gram).addr_(r[:d_in], r * -weight).addr_(shift[:d_in], shift * scale)
+            self.yy += yy + scale * shift[d_in:].pow(2).sum()
+            merged = mean + shift * (self.weight / total)
+            self.mean_x, self.mean_y = merged[:d_in], merged[d_in:]
+            self.weight = total
+            self.energy += energy
         self.tokens += z.shape[0]
 
     def to(self, device) -> "UnitStats":
         """The same statistics on `device` (in place; returns self)."""
-        for name in ("weight", "mean_x", "mean_y", "xx", "xy", "yy", "energy"):
+        for name in ("weight", "mean_x", "mean_y", "xz", "yy", "energy"):
             setattr(self, name, getattr(self, name).to(device))
         return self
+
+    @property
+    def xx(self) -> torch.Tensor:
+        return self.xz[:, :self.mean_x.shape[0]]
+
+    @property
+    def xy(self) -> torch.Tensor:
+        return self.xz[:, self.mean_x.shape[0]:]
 
     def moments(self) -> Moments:
         n = self.weight

@@ -4,7 +4,8 @@ import itertools
 
 import pytest
 
-from subfit.selection import best_window, greedy_select, group_sizes
+from subfit.selection import (CHECKPOINT_BYTES, MIN_CHECKPOINTS, best_window, checkpoint_every, greedy_select,
+                              group_sizes)
 
 PARAMS = {"attn": 1, "ffn": 3}
 
@@ -45,6 +46,19 @@ def test_whole_layers_are_one_size():
     sizes = group_sizes(layers, PARAMS)
     scores = {g: s for g, s in zip(layers, [5, 1, 4, 2, 3])}
     assert greedy_select(scores, sizes, 9) == [layers[1], layers[3]]
+
+
+@pytest.mark.parametrize("layers", [1, 5, 30, 31, 80])
+@pytest.mark.parametrize("stream", [1, 2**20, 19 * 2**20, 75 * 2**20, 2**30])
+def test_checkpoints_fill_their_budget_and_never_fall_below_the_minimum(layers, stream):
+    every = checkpoint_every(layers, stream)
+    kept = -(-layers // every)  # layers 0, every, 2 every, ...
+    assert every >= 1
+    assert kept >= min(layers, MIN_CHECKPOINTS)
+    if every > 1 and kept > MIN_CHECKPOINTS:  # fewer than every layer only where every layer would not fit
+        assert layers * stream > CHECKPOINT_BYTES and kept * stream <= CHECKPOINT_BYTES + stream
+    if layers * stream <= CHECKPOINT_BYTES:
+        assert every == 1
 
 
 def test_best_window_is_contiguous_and_least_damaging():
