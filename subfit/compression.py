@@ -106,7 +106,7 @@ def compress_levels(model=None, levels: Sequence[float] = (0.25,), calib: Calibr
             plan.validate()
             loss = 0.0
             if config.selection_draws > 1:  # one sequence at a time: a batch's logits outgrow the walks' memory
-                with bf16_matmuls(home):  # as the walks run: the draws' losses differ by 1e-2, bf16 moves them 1e-3
+                with bf16_matmuls(home):  # as the walks run; moves a loss by ~1e-3 nats (docs/method.md, 5)
                     loss = mean_token_loss(ReferenceModel(model, plan, check_base=False), validation_ids.to(home), 1)
                 losses[i].append(loss)
             if chosen[i] is None or loss < chosen[i][0]:
