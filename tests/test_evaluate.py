@@ -72,3 +72,26 @@ def test_perplexity_ratio_pairs_the_windows(stories):
         perplexity_ratio(hot, {"ppl": cold["ppl"], "tokens": cold["tokens"]})
     with pytest.raises(ValueError, match="same text and windows"):
         perplexity_ratio(perplexity(ref, ids, window=32, progress=False), cold)
+
+
+def test_committed_plans_compare_on_the_same_examples_with_a_paired_error():
+    """`bench/compress/compare_evals.py` on committed reports of two 37.5% plans: a report against
+    itself differs by nothing, the retention difference is the difference of the retentions, and
+    its paired standard error is below what the two plans' own errors would give unpaired."""
+    import json
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    sys.path.insert(0, str(root / "bench" / "compress"))
+    from compare_evals import DENSE, _columns, retention, retention_difference
+
+    dense = json.loads(DENSE.read_text())["dense"]["tasks"]
+    first, other = (_columns(root / "bench" / "results" / f"eval_375_seed{s}.json") for s in (0, 1))
+    assert retention_difference(first, first, dense) == (0.0, 0.0)
+    (a, a_err), (b, b_err) = retention(first, dense), retention(other, dense)
+    diff, diff_err = retention_difference(other, first, dense)
+    assert diff == pytest.approx(b - a, abs=1e-9)
+    assert 0 < diff_err < math.hypot(a_err, b_err)
+    ratio, _ = perplexity_ratio(other["perplexity"], first["perplexity"])
+    assert ratio == pytest.approx(other["perplexity"]["ppl"] / first["perplexity"]["ppl"], rel=1e-6)
