@@ -1,12 +1,17 @@
 """Evaluation: perplexity equals the model's own loss, windows score every token once, and the
 paired statistics compare two models on the same windows and examples."""
+import json
 import math
 import statistics
+import sys
+from pathlib import Path
 
 import pytest
 
 from subfit.evaluation import _windows, paired_difference, perplexity, perplexity_ratio
 from subfit.reference import ReferenceModel
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.mark.parametrize("n,window,stride", [(100, 32, 32), (100, 32, 8), (33, 32, 32), (5, 32, 16), (64, 64, 64)])
@@ -78,16 +83,11 @@ def test_committed_plans_compare_on_the_same_examples_with_a_paired_error():
     """`bench/compress/compare_evals.py` on committed reports of two 37.5% plans: a report against
     itself differs by nothing, the retention difference is the difference of the retentions, and
     its paired standard error is below what the two plans' own errors would give unpaired."""
-    import json
-    import sys
-    from pathlib import Path
-
-    root = Path(__file__).resolve().parents[1]
-    sys.path.insert(0, str(root / "bench" / "compress"))
-    from compare_evals import DENSE, _columns, retention, retention_difference
+    sys.path.insert(0, str(ROOT / "bench" / "compress"))
+    from compare_evals import DENSE, load_report, retention, retention_difference
 
     dense = json.loads(DENSE.read_text())["dense"]["tasks"]
-    first, other = (_columns(root / "bench" / "results" / f"eval_375_seed{s}.json") for s in (0, 1))
+    first, other = (load_report(ROOT / "bench" / "results" / f"eval_375_seed{s}.json") for s in (0, 1))
     assert retention_difference(first, first, dense) == (0.0, 0.0)
     (a, a_err), (b, b_err) = retention(first, dense), retention(other, dense)
     diff, diff_err = retention_difference(other, first, dense)

@@ -20,7 +20,8 @@ from subfit.evaluation import paired_difference, perplexity_ratio
 DENSE = Path(__file__).resolve().parents[1] / "results" / "accuracy300_smollm2.json"
 
 
-def _columns(path: str) -> dict:
+def load_report(path: str | Path) -> dict:
+    """The plan's column of a `subfit eval --json` report (its perplexity and tasks)."""
     return json.loads(Path(path).read_text())["columns"]["compressed"]
 
 
@@ -56,7 +57,7 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--dense", default=str(DENSE), help="JSON whose ['dense'] holds the dense model's ppl and tasks")
     args = parser.parse_args(argv)
     dense = json.loads(Path(args.dense).read_text())["dense"]
-    reports = [_columns(path) for path in args.reports]
+    reports = [load_report(path) for path in args.reports]
     print("| report | WikiText-2, x dense | 5-task retention | against the first: perplexity ratio | retention difference (paired) |")
     print("|---|---:|---:|---:|---:|")
     for path, report in zip(args.reports, reports):
