@@ -95,3 +95,14 @@ def test_committed_plans_compare_on_the_same_examples_with_a_paired_error():
     assert 0 < diff_err < math.hypot(a_err, b_err)
     ratio, _ = perplexity_ratio(other["perplexity"], first["perplexity"])
     assert ratio == pytest.approx(other["perplexity"]["ppl"] / first["perplexity"]["ppl"], rel=1e-6)
+
+
+def test_compare_evals_refuses_a_file_that_is_not_an_eval_report(tmp_path, capsys):
+    sys.path.insert(0, str(ROOT / "bench" / "compress"))
+    from compare_evals import main
+
+    bad = tmp_path / "plan.json"
+    bad.write_text('{"layers": []}')
+    with pytest.raises(SystemExit):
+        main([str(ROOT / "bench" / "results" / "eval_375_seed0.json"), str(bad)])
+    assert "not a readable `subfit eval" in capsys.readouterr().err

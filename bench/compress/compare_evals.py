@@ -21,8 +21,15 @@ DENSE = Path(__file__).resolve().parents[1] / "results" / "accuracy300_smollm2.j
 
 
 def load_report(path: str | Path) -> dict:
-    """The plan's column of a `subfit eval --json` report (its perplexity and tasks)."""
-    return json.loads(Path(path).read_text())["columns"]["compressed"]
+    """The plan's column of a `subfit eval --json` report (its perplexity and tasks); anything else
+    is refused, naming the file and how to make one."""
+    try:
+        column = json.loads(Path(path).read_text())["columns"]["compressed"]
+        column["perplexity"]["window_nll"], column["tasks"]
+    except (OSError, ValueError, KeyError, TypeError):
+        raise ValueError(f"{path} is not a readable `subfit eval PLAN --ppl FILE --tasks ... --json {path}` report "
+                         "of a plan; make one with that command.") from None
+    return column
 
 
 def _task(name: str) -> str:
@@ -56,8 +63,11 @@ def main(argv: list[str]) -> int:
     parser.add_argument("reports", nargs="+", help="`subfit eval --json` reports; the first is the reference")
     parser.add_argument("--dense", default=str(DENSE), help="JSON whose ['dense'] holds the dense model's ppl and tasks")
     args = parser.parse_args(argv)
-    dense = json.loads(Path(args.dense).read_text())["dense"]
-    reports = [load_report(path) for path in args.reports]
+    try:
+        dense = json.loads(Path(args.dense).read_text())["dense"]
+        reports = [load_report(path) for path in args.reports]
+    except (OSError, ValueError, KeyError) as e:
+        parser.error(str(e) if isinstance(e, ValueError) else f"--dense {args.dense}: no ['dense'] results in it ({e}).")
     print("| report | WikiText-2, x dense | 5-task retention | against the first: perplexity ratio | retention difference (paired) |")
     print("|---|---:|---:|---:|---:|")
     for path, report in zip(args.reports, reports):
