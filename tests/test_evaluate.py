@@ -106,3 +106,38 @@ def test_compare_evals_refuses_a_file_that_is_not_an_eval_report(tmp_path, capsy
     with pytest.raises(SystemExit):
         main([str(ROOT / "bench" / "results" / "eval_375_seed0.json"), str(bad)])
     assert "not a readable `subfit eval" in capsys.readouterr().err
+
+
+def test_compare_evals_takes_perplexity_only_reports_against_a_dense_report_of_their_text(capsys):
+    """Reports without tasks compare on perplexity alone, against the dense model's report on the
+    same text; reports of two texts (raw and detokenized WikiText-2) are refused, not divided."""
+    sys.path.insert(0, str(ROOT / "bench" / "compress"))
+    from compare_evals import load_dense, load_report, main
+
+    results = ROOT / "bench" / "results"
+    first, other = results / "eval_375_seed1_previous_detok.json", results / "eval_375_seed1_detok.json"
+    dense = results / "eval_dense_detok.json"
+    assert main([str(first), str(other), "--dense", str(dense)]) == 0
+    rows = [line for line in capsys.readouterr().out.splitlines() if line.startswith(f"| {results}")]
+    ratio_to_dense = load_report(other)["perplexity"]["ppl"] / load_dense(dense)["ppl"]
+    assert f"| {ratio_to_dense:.3f}x | – |" in rows[1] and rows[1].endswith("| – |")
+    with pytest.raises(SystemExit):
+        main([str(results / "eval_375_seed1.json"), str(other)])
+    assert "scored different texts" in capsys.readouterr().err
+
+
+
+def test_detokenize_wikitext_undoes_the_raw_format_and_keeps_an_existing_file(tmp_path, capsys):
+    """`bench/tasks/detokenize_wikitext.py` with lm-eval's own detokenizer: the raw format's number
+    separators and split punctuation are joined, and an existing output is refused, not replaced."""
+    sys.path.insert(0, str(ROOT / "bench" / "tasks"))
+    from detokenize_wikitext import main
+
+    raw, out = tmp_path / "wiki.raw", tmp_path / "wiki.txt"
+    raw.write_bytes(b" = Valkyria = \r\n The 2 @,@ 000 @-@ strong army , led by Kurt , won .\r\n")
+    assert main([str(raw), str(out)]) == 0
+    assert out.read_text() == " = Valkyria =\nThe 2,000-strong army, led by Kurt, won .\n"  # CRLF normalised
+    out.write_text("kept")
+    with pytest.raises(SystemExit):
+        main([str(raw), str(out)])
+    assert "already exists" in capsys.readouterr().err and out.read_text() == "kept"
