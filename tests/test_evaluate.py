@@ -126,7 +126,6 @@ def test_compare_evals_takes_perplexity_only_reports_against_a_dense_report_of_t
     assert "scored different texts" in capsys.readouterr().err
 
 
-
 def test_detokenize_wikitext_undoes_the_raw_format_and_keeps_an_existing_file(tmp_path, capsys):
     """`bench/tasks/detokenize_wikitext.py` with lm-eval's own detokenizer: the raw format's number
     separators and split punctuation are joined, and an existing output is refused, not replaced."""
