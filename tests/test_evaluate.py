@@ -1,6 +1,5 @@
 """Evaluation: perplexity equals the model's own loss, windows score every token once, and the
 paired statistics compare two models on the same windows and examples."""
-import json
 import math
 import statistics
 import sys
@@ -84,17 +83,18 @@ def test_committed_plans_compare_on_the_same_examples_with_a_paired_error():
     itself differs by nothing, the retention difference is the difference of the retentions, and
     its paired standard error is below what the two plans' own errors would give unpaired."""
     sys.path.insert(0, str(ROOT / "bench" / "compress"))
-    from compare_evals import DENSE, load_report, retention, retention_difference
+    from compare_evals import DENSE, against_first, load_dense, load_report, retention
 
-    dense = json.loads(DENSE.read_text())["dense"]["tasks"]
+    dense = load_dense(DENSE)
     first, other = (load_report(ROOT / "bench" / "results" / f"eval_375_seed{s}.json") for s in (0, 1))
-    assert retention_difference(first, first, dense) == (0.0, 0.0)
+    itself = against_first(first, first, dense)
+    assert (itself["mean_retention_diff"], itself["mean_retention_diff_stderr"]) == (0.0, 0.0)
     (a, a_err), (b, b_err) = retention(first, dense), retention(other, dense)
-    diff, diff_err = retention_difference(other, first, dense)
+    paired = against_first(other, first, dense)
+    diff, diff_err = paired["mean_retention_diff"], paired["mean_retention_diff_stderr"]
     assert diff == pytest.approx(b - a, abs=1e-9)
     assert 0 < diff_err < math.hypot(a_err, b_err)
-    ratio, _ = perplexity_ratio(other["perplexity"], first["perplexity"])
-    assert ratio == pytest.approx(other["perplexity"]["ppl"] / first["perplexity"]["ppl"], rel=1e-6)
+    assert paired["ppl_ratio"] == pytest.approx(other["perplexity"]["ppl"] / first["perplexity"]["ppl"], rel=1e-6)
 
 
 def test_compare_evals_refuses_a_file_that_is_not_an_eval_report(tmp_path, capsys):

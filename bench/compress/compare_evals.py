@@ -17,27 +17,28 @@ import math
 import sys
 from pathlib import Path
 
-from subfit.evaluation import paired_difference, perplexity_ratio
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "sweep"))
+from sweep import paired_against, sweep_tasks  # noqa: E402  (the sweep's paired statistics, one home)
 
 DENSE = Path(__file__).resolve().parents[1] / "results" / "accuracy300_smollm2.json"
 DENSE_TEXT = "wiki.test.raw"  # what the sweep's dense perplexity scored (WikiText-2 raw test)
 
 
 def load_report(path: str | Path) -> dict:
-    """The plan's column of a `subfit eval --json` report (its perplexity and any tasks); anything
-    else is refused, naming the file and how to make one."""
+    """The plan's column of a `subfit eval --json` report (its perplexity and any tasks, named as
+    the sweep names them); anything else is refused, naming the file and how to make one."""
     try:
         column = json.loads(Path(path).read_text())["columns"]["compressed"]
         column["perplexity"]["window_nll"]
+        return {**column, "tasks": sweep_tasks(column.get("tasks", {}))}
     except (OSError, ValueError, KeyError, TypeError, AttributeError):
         raise ValueError(f"{path} is not a readable `subfit eval PLAN --ppl FILE [--tasks ...] --json {path}` report "
                          "of a plan; make one with that command.") from None
-    return column
 
 
 def load_dense(path: str | Path) -> dict:
-    """The dense model's perplexity ("ppl") and task accuracies ("tasks", named without "_local"),
-    from the sweep's results or from a `subfit eval --json` report of the dense model."""
+    """The dense model's perplexity ("ppl"), the text it scored ("file") and its task accuracies
+    ("tasks"), from the sweep's results or from a `subfit eval --json` report of the dense model."""
     try:
         text = Path(path).read_text()
     except OSError as e:
@@ -48,36 +49,29 @@ def load_dense(path: str | Path) -> dict:
             return {"file": DENSE_TEXT, **data["dense"]}
         column = data["columns"]["dense"]
         return {"ppl": column["perplexity"]["ppl"], "file": column["perplexity"]["file"],
-                "tasks": {_task(t): r for t, r in column.get("tasks", {}).items()}}
+                "tasks": sweep_tasks(column.get("tasks", {}))}
     except (ValueError, KeyError, TypeError, AttributeError):
         raise ValueError(f"--dense {path}: neither the sweep's results nor a `subfit eval --ppl FILE --json {path}` "
                          "report of the dense model (no target plan).") from None
 
 
-def _task(name: str) -> str:
-    return name.removesuffix("_local")
-
-
 def retention(report: dict, dense: dict) -> tuple[float, float]:
     """Mean over tasks of 100 x accuracy / dense accuracy, and its binomial standard error."""
     tasks = report["tasks"]
-    scale = {t: 100 / dense[_task(t)]["acc"] / len(tasks) for t in tasks}
+    scale = {t: 100 / dense["tasks"][t]["acc"] / len(tasks) for t in tasks}
     mean = sum(scale[t] * r["acc"] for t, r in tasks.items())
-    variance = sum((scale[t]) ** 2 * r["acc"] * (1 - r["acc"]) / r["n"] for t, r in tasks.items())
+    variance = sum(scale[t] ** 2 * r["acc"] * (1 - r["acc"]) / r["n"] for t, r in tasks.items())
     return mean, math.sqrt(variance)
 
 
-def retention_difference(report: dict, first: dict, dense: dict) -> tuple[float, float]:
-    """Retention of `report` minus `first` on the same examples, with its paired standard error."""
-    tasks = first["tasks"]
-    if set(report["tasks"]) != set(tasks):
-        raise ValueError(f"The reports score different tasks: {sorted(report['tasks'])} against {sorted(tasks)}.")
-    total, variance = 0.0, 0.0
-    for t in tasks:
-        diff, stderr = paired_difference(report["tasks"][t], tasks[t])
-        scale = 100 / dense[_task(t)]["acc"] / len(tasks)
-        total, variance = total + scale * diff, variance + (scale * stderr) ** 2
-    return total, math.sqrt(variance)
+def against_first(report: dict, first: dict, dense: dict) -> dict:
+    """`report` against `first` on the same windows and examples (`sweep.paired_against`): the
+    perplexity ratio and, where both scored the same tasks, the retention difference."""
+    if not dense["tasks"]:  # no dense accuracies to scale by: perplexity only
+        report, first = {**report, "tasks": {}}, {**first, "tasks": {}}
+    if set(report["tasks"]) != set(first["tasks"]):
+        raise ValueError(f"The reports score different tasks: {sorted(report['tasks'])} against {sorted(first['tasks'])}.")
+    return paired_against(report, first, dense, "acc")
 
 
 def check_same_text(reports: list[dict], dense: dict) -> None:
@@ -86,6 +80,26 @@ def check_same_text(reports: list[dict], dense: dict) -> None:
     if len(files) > 1:
         raise ValueError(f"The reports scored different texts ({', '.join(sorted(files))}); compare reports of one "
                          f"text, with --dense scored on it too.")
+
+
+def table(paths: list[str], reports: list[dict], dense: dict) -> list[str]:
+    lines = ["| report | perplexity, x dense | 5-task retention | against the first: perplexity ratio | "
+             "retention difference (paired) |", "|---|---:|---:|---:|---:|"]
+    first = reports[0]
+    for path, report in zip(paths, reports):
+        row = f"| {path} | {report['perplexity']['ppl'] / dense['ppl']:.3f}x |"
+        row += " {:.1f}% ± {:.1f} |".format(*retention(report, dense)) if report["tasks"] and dense["tasks"] else " – |"
+        if report is first:
+            lines.append(row + " – | – |")
+            continue
+        paired = against_first(report, first, dense)
+        row += " {:.3f} (log ± {:.3f}) |".format(paired["ppl_ratio"], paired["ppl_ratio_log_stderr"])
+        if "mean_retention_diff" in paired:
+            row += " {:+.1f} ± {:.1f} points |".format(paired["mean_retention_diff"], paired["mean_retention_diff_stderr"])
+        else:
+            row += " – |"
+        lines.append(row)
+    return lines
 
 
 def main(argv: list[str]) -> int:
@@ -98,25 +112,10 @@ def main(argv: list[str]) -> int:
         dense = load_dense(args.dense)
         reports = [load_report(path) for path in args.reports]
         check_same_text(reports, dense)
+        lines = table(args.reports, reports, dense)
     except ValueError as e:
         parser.error(str(e))
-    print("| report | perplexity, x dense | 5-task retention | against the first: perplexity ratio | retention difference (paired) |")
-    print("|---|---:|---:|---:|---:|")
-    first = reports[0]
-    for path, report in zip(args.reports, reports):
-        has_tasks = bool(report.get("tasks")) and bool(dense.get("tasks"))  # retention needs the dense accuracies
-        row = f"| {path} | {report['perplexity']['ppl'] / dense['ppl']:.3f}x |"
-        row += " {:.1f}% ± {:.1f} |".format(*retention(report, dense["tasks"])) if has_tasks else " – |"
-        if report is first:
-            print(row + " – | – |")
-            continue
-        ratio, log_stderr = perplexity_ratio(report["perplexity"], first["perplexity"])
-        row += f" {ratio:.3f} (log ± {log_stderr:.3f}) |"
-        if has_tasks and first.get("tasks"):
-            row += " {:+.1f} ± {:.1f} points |".format(*retention_difference(report, first, dense["tasks"]))
-        else:
-            row += " – |"
-        print(row)
+    print("\n".join(lines))
     return 0
 
 
