@@ -78,15 +78,17 @@ def test_perplexity_ratio_pairs_the_windows(stories):
         perplexity_ratio(perplexity(ref, ids, window=32, progress=False), cold)
 
 
-def test_committed_plans_compare_on_the_same_examples_with_a_paired_error():
+def test_committed_plans_compare_on_the_same_examples_with_a_paired_error(capsys):
     """`bench/compress/compare_evals.py` on committed reports of two 37.5% plans: a report against
     itself differs by nothing, the retention difference is the difference of the retentions, and
-    its paired standard error is below what the two plans' own errors would give unpaired."""
+    its paired standard error is below what the two plans' own errors would give unpaired; task by
+    task (`--per-task`) each difference is that of the task's accuracies, in points of dense."""
     sys.path.insert(0, str(ROOT / "bench" / "compress"))
-    from compare_evals import DENSE, against_first, load_dense, load_report, retention
+    from compare_evals import DENSE, against_first, load_dense, load_report, main, retention
 
     dense = load_dense(DENSE)
-    first, other = (load_report(ROOT / "bench" / "results" / f"eval_375_seed{s}.json") for s in (0, 1))
+    paths = [ROOT / "bench" / "results" / f"eval_375_seed{s}.json" for s in (0, 1)]
+    first, other = (load_report(path) for path in paths)
     itself = against_first(first, first, dense)
     assert (itself["mean_retention_diff"], itself["mean_retention_diff_stderr"]) == (0.0, 0.0)
     (a, a_err), (b, b_err) = retention(first, dense), retention(other, dense)
@@ -95,6 +97,12 @@ def test_committed_plans_compare_on_the_same_examples_with_a_paired_error():
     assert diff == pytest.approx(b - a, abs=1e-9)
     assert 0 < diff_err < math.hypot(a_err, b_err)
     assert paired["ppl_ratio"] == pytest.approx(other["perplexity"]["ppl"] / first["perplexity"]["ppl"], rel=1e-6)
+    assert main([str(path) for path in paths] + ["--per-task"]) == 0
+    row = capsys.readouterr().out.splitlines()[-1]
+    assert row.startswith(f"| {paths[1]} | ")
+    printed = [float(cell.split(" ± ")[0]) for cell in row.strip("| ").split(" | ")[1:]]
+    expected = [100 * (other["tasks"][t]["acc"] - first["tasks"][t]["acc"]) / dense["tasks"][t]["acc"] for t in first["tasks"]]
+    assert len(printed) == 5 and printed == pytest.approx(expected, abs=0.051)
 
 
 def test_compare_evals_refuses_a_file_that_is_not_an_eval_report(tmp_path, capsys):

@@ -6,7 +6,7 @@ the dense accuracies, with one standard error); then each other report against t
 perplexity ratio (standard error of its log, windows as the units) and the retention difference
 with its paired standard error, from the per-example differences. Two plans get most examples alike,
 so the paired error is smaller than either plan's own; a difference inside two of them is not
-resolved by these examples. `--dense` is the sweep's results (raw WikiText-2 and the tasks, the
+resolved by these examples. `--per-task` adds each task's paired difference. `--dense` is the sweep's results (raw WikiText-2 and the tasks, the
 default) or a `subfit eval --json` report of the dense model on the reports' text.
 """
 from __future__ import annotations
@@ -102,17 +102,34 @@ def table(paths: list[str], reports: list[dict], dense: dict) -> list[str]:
     return lines
 
 
+def per_task_table(paths: list[str], reports: list[dict], dense: dict) -> list[str]:
+    """Each other report's paired retention difference from the first, task by task: which tasks a
+    5-task difference comes from."""
+    tasks = list(reports[0]["tasks"])
+    if not tasks or not dense["tasks"] or len(reports) < 2:
+        raise ValueError("--per-task needs two or more reports that scored tasks, and a --dense with task accuracies.")
+    lines = ["| against the first, points of dense accuracy (paired) | " + " | ".join(tasks) + " |",
+             "|---|" + "---:|" * len(tasks)]
+    for path, report in zip(paths[1:], reports[1:]):
+        diffs = against_first(report, reports[0], dense)["retention_diff"]
+        lines.append(f"| {path} | " + " | ".join("{diff:+.1f} ± {stderr:.1f}".format(**diffs[t]) for t in tasks) + " |")
+    return lines
+
+
 def main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("reports", nargs="+", help="`subfit eval --json` reports; the first is the reference")
     parser.add_argument("--dense", default=str(DENSE),
                         help="the sweep's results, or a `subfit eval --json` report of the dense model")
+    parser.add_argument("--per-task", action="store_true", help="also each task's paired retention difference")
     args = parser.parse_args(argv)
     try:
         dense = load_dense(args.dense)
         reports = [load_report(path) for path in args.reports]
         check_same_text(reports, dense)
         lines = table(args.reports, reports, dense)
+        if args.per_task:
+            lines += [""] + per_task_table(args.reports, reports, dense)
     except ValueError as e:
         parser.error(str(e))
     print("\n".join(lines))
