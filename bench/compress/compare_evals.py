@@ -6,8 +6,9 @@ the dense accuracies, with one standard error); then each other report against t
 perplexity ratio (standard error of its log, windows as the units) and the retention difference
 with its paired standard error, from the per-example differences. Two plans get most examples alike,
 so the paired error is smaller than either plan's own; a difference inside two of them is not
-resolved by these examples. `--per-task` adds each task's paired difference. `--dense` is the sweep's results (raw WikiText-2 and the tasks, the
-default) or a `subfit eval --json` report of the dense model on the reports' text.
+resolved by these examples. `--per-task` adds each task's paired difference. `--dense` is the
+sweep's results (raw WikiText-2 and the tasks, the default) or a `subfit eval --json` report of the
+dense model on the reports' text.
 """
 from __future__ import annotations
 
