@@ -15,7 +15,7 @@ import torch
 
 from subfit.config import VALIDATION_SAMPLES
 from subfit.fitting import LinearFit, reduced_rank_fit, shared_basis
-from subfit.hardware import bf16_matmuls, fast_bf16
+from subfit import hardware
 from subfit.memory import release_freed_memory
 from subfit.models import UNIT_KINDS, Decoder
 from subfit.plan import Bypass, Plan
@@ -285,7 +285,7 @@ class Selector:
         # residual stream float32. The final fit forms float32 products.
         self.home = next(decoder.model.parameters()).device
         self.device = walk_args.get("device") or self.home
-        products = torch.bfloat16 if fast_bf16(self.device) else torch.float32
+        products = torch.bfloat16 if hardware.fast_bf16(self.device) else torch.float32
         self.walk_args = dict(walk_args, weights=token_weights, product_dtype=products)
         self.checkpoint_every = checkpoint_every(decoder.num_layers, scoring_ids.numel() * decoder.hidden_size * 4)
         self.walks = 0
@@ -343,7 +343,7 @@ class Selector:
         if not removed and self.first is not None and every_group in self.first_scores:
             self.last = self.first
             return self.first_scores[every_group]
-        with bf16_matmuls(self.device):
+        with hardware.bf16_matmuls(self.device):
             return self._score(removed, every_group)
 
     def _score(self, removed: list[Unit], every_group: bool) -> dict[Group, float]:

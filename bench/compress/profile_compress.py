@@ -57,6 +57,18 @@ def timed(module, name: str, phase: str, log: dict, memory: MemoryByPhase) -> No
     setattr(module, name, wrapper)
 
 
+def settings(items: list[str]):
+    """`SubFitConfig` and `DevOptions` from FIELD=VALUE items (values in JSON; the rest default)."""
+    from dataclasses import fields
+
+    from subfit.config import DevOptions, SubFitConfig
+
+    overrides = {k: json.loads(v) for k, v in (item.split("=", 1) for item in items)}
+    config_fields = {f.name for f in fields(SubFitConfig)}
+    return (SubFitConfig(**{k: v for k, v in overrides.items() if k in config_fields}),
+            DevOptions(**{k: v for k, v in overrides.items() if k not in config_fields}))
+
+
 def main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--calib", default=None, help="calibration text file (default: sampled from the model)")
@@ -71,10 +83,7 @@ def main(argv: list[str]) -> int:
 
     if args.threads:
         torch.set_num_threads(args.threads)
-    from dataclasses import fields
-
     from subfit import calibration, compression, models, selection
-    from subfit.config import DevOptions, SubFitConfig
 
     phases: dict[str, list[float]] = {}
     memory = MemoryByPhase()
@@ -83,10 +92,7 @@ def main(argv: list[str]) -> int:
     timed(selection, "output_effects", "output-KL probes", phases, memory)
     timed(compression, "mean_token_loss", "draws' held-out loss", phases, memory)
     timed(compression, "_fit_bypasses", "final fitting walk", phases, memory)
-    overrides = {k: json.loads(v) for k, v in (item.split("=", 1) for item in args.set)}
-    config_fields = {f.name for f in fields(SubFitConfig)}
-    config = SubFitConfig(**{k: v for k, v in overrides.items() if k in config_fields})
-    dev = DevOptions(**{k: v for k, v in overrides.items() if k not in config_fields})
+    config, dev = settings(args.set)
     start = time.perf_counter()
     faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
     memory.phase = "model load"
