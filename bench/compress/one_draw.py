@@ -21,17 +21,22 @@ from pathlib import Path
 from profile_compress import settings
 
 
-def one_draw(model, tokenizer, calib: str, sparsity: float, draw: int, config, dev) -> dict:
-    """Draw `draw` of `compress_levels(model, [sparsity], calib, config=config, dev=dev)`: its
-    removed units and the loss its plan gets on the held-out sequences that choose between draws."""
+def check_draw(draw: int, config) -> None:
+    if not 0 <= draw < config.selection_draws:
+        raise ValueError(f"draw {draw}: compress makes draws 0 to {config.selection_draws - 1}.")
+
+
+def one_draw(model, tokenizer, calib: str | torch.Tensor, sparsity: float, draw: int, config, dev) -> dict:
+    """Draw `draw` of `compress_levels(model, [sparsity], calib, config=config, dev=dev)` (`calib` a
+    text file or token ids, as compress takes): its removed units and the loss its plan gets on the
+    held-out sequences that choose between draws."""
     from subfit import compression, hardware, models, selection
     from subfit.config import check_sparsity
     from subfit.evaluation import mean_token_loss
     from subfit.plan import Plan
     from subfit.reference import ReferenceModel
 
-    if not 0 <= draw < config.selection_draws:
-        raise ValueError(f"draw={draw}: compress makes draws 0 to {config.selection_draws - 1}.")
+    check_draw(draw, config)
     decoder = models.Decoder(model)
     source = models.source_of(model)
     empty = Plan.empty(decoder, source)
@@ -78,11 +83,10 @@ def main(argv: list[str]) -> int:
     from subfit import hardware, models
 
     if args.float32:
-        hardware.fast_bf16 = lambda device: False  # every bf16 decision of compress goes through it
+        hardware.fast_bf16 = lambda device: False  # the walks', fits' and losses' bf16 decisions all go through it
     try:
         config, dev = settings(args.set)
-        if not 0 <= args.draw < config.selection_draws:
-            raise ValueError(f"--draw {args.draw}: compress makes draws 0 to {config.selection_draws - 1}.")
+        check_draw(args.draw, config)
     except (ValueError, TypeError) as e:  # checked before the model loads
         parser.error(str(e))
     model, tokenizer, _ = models.load(args.model)
