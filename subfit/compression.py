@@ -60,6 +60,10 @@ def compress_levels(model=None, levels: Sequence[float] = (0.25,), calib: Calibr
     levels = [check_sparsity(s) for s in levels]
     if not levels:
         raise ValueError("Give at least one sparsity level.")
+    if dev.draw is not None and dev.draw >= config.selection_draws:
+        raise ValueError(f"draw={dev.draw}: with selection_draws={config.selection_draws} the draws are "
+                         f"0 to {config.selection_draws - 1}.")
+    draws = range(config.selection_draws) if dev.draw is None else [dev.draw]
     if model is None or isinstance(model, (str, os.PathLike)):
         model, tokenizer, _ = models.load(model)
     decoder = Decoder(model)
@@ -82,7 +86,7 @@ def compress_levels(model=None, levels: Sequence[float] = (0.25,), calib: Calibr
     home = next(model.parameters()).device
     chosen: list[tuple[float, Plan] | None] = [None] * len(levels)  # per level: (held-out loss, plan)
     losses: list[list[float]] = [[] for _ in levels]
-    for draw in range(config.selection_draws):
+    for draw in draws:
         scoring_ids, probe_ids = scoring_and_probe_ids(draw_order(fit_ids, draw, config.seed),
                                                        dev.scoring_sequences(fit_ids.shape[0]), dev.probe_samples)
         selector = Selector(decoder, groups, sizes, ranks, config.ridge, scoring_ids, probe_ids, dev.shortlist,
@@ -114,7 +118,7 @@ def compress_levels(model=None, levels: Sequence[float] = (0.25,), calib: Calibr
     plans = [plan for _, plan in chosen]
     if config.selection_draws > 1:
         for plan, level_losses in zip(plans, losses):
-            plan.method["selection"] = {"draw": level_losses.index(min(level_losses)),
+            plan.method["selection"] = {"draw": draws[level_losses.index(min(level_losses))],
                                         "validation_loss": level_losses,
                                         "validation_samples": validation_ids.shape[0]}
     return plans

@@ -111,7 +111,9 @@ class DevOptions:
     `step` of sparsity committed per scoring walk, `score_samples` sequences per scoring walk (None:
     half the fitting sequences, at most MAX_SCORE_SAMPLES, so that the draws score on other halves),
     `shortlist` units per walk re-ranked by their output KL on `probe_samples` held-out sequences,
-    and `batch_size` sequences per forward of a walk (memory, not results)."""
+    and `batch_size` sequences per forward of a walk (memory, not results). `draw` runs only that
+    one of the selection draws (None: all), to study one draw alone; it is what that draw is in a
+    full compress."""
 
     granularity: str = "unit"
     contiguous: bool = False
@@ -121,6 +123,7 @@ class DevOptions:
     probe_samples: int = 2
     shortlist: int = 24
     batch_size: int = 8
+    draw: int | None = None
 
     def __post_init__(self) -> None:
         _require(self.granularity in GRANULARITIES,
@@ -133,6 +136,8 @@ class DevOptions:
             value = getattr(self, name)
             _require((value is None and name == "score_samples") or (_is_int(value) and value >= 1),
                      f"{name}={value!r} must be a whole number >= 1.")
+        _require(self.draw is None or (_is_int(self.draw) and self.draw >= 0),
+                 f"draw={self.draw!r} must be a draw's number (0 for the first), or None for every draw.")
 
     def scoring_sequences(self, fit_sequences: int) -> int:
         """Sequences per scoring walk when `fit_sequences` are there to fit on."""

@@ -3,7 +3,6 @@ found and fitted exactly, several selection draws keep the one best on held-out 
 requests are refused with a clear message."""
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 import torch
@@ -203,20 +202,21 @@ def test_selection_draws_keep_the_plan_with_least_held_out_loss(stories, draw_id
         assert made.removed_units() == draw0.removed_units()
 
 
-def test_one_draw_bench_makes_the_draws_compress_chooses_between(stories, draw_ids):
-    """`bench/compress/one_draw.py` repeats one draw of compress (calibration, held-out split, draw
-    order, trajectory, final fit, held-out loss): each draw's loss is the one compress recorded,
-    and the chosen draw's units are the plan's."""
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench" / "compress"))
-    from one_draw import one_draw
-
-    options = settings(step=0.125, score_samples=6, seed=3, selection_draws=3)
-    plan = compress(stories[0], 0.25, draw_ids, **options)
-    draws = [one_draw(stories[0], None, draw_ids, 0.25, d, options["config"], options["dev"]) for d in range(3)]
-    assert [d["validation_loss"] for d in draws] == plan.method["selection"]["validation_loss"]
-    assert draws[plan.method["selection"]["draw"]]["removed"] == plan.removed_units()
-    with pytest.raises(ValueError, match="draws 0 to 2"):
-        one_draw(stories[0], None, draw_ids, 0.25, 3, options["config"], options["dev"])
+def test_one_draw_alone_is_that_draw_of_the_full_compress(stories, draw_ids):
+    """`DevOptions.draw` runs one selection draw alone (`profile_compress.py --set draw=N`): its
+    held-out loss is the one the full compress recorded for it, the chosen draw alone makes the
+    plan compress keeps, and a draw that compress does not make is refused."""
+    fields = dict(step=0.125, score_samples=6, seed=3, selection_draws=3)
+    plan = compress(stories[0], 0.25, draw_ids, **settings(**fields))
+    record = plan.method["selection"]
+    for draw in range(3):
+        alone = compress(stories[0], 0.25, draw_ids, **settings(**fields, draw=draw))
+        assert alone.method["selection"]["validation_loss"] == [record["validation_loss"][draw]]
+        assert alone.method["selection"]["draw"] == draw
+        if draw == record["draw"]:
+            assert alone.removed_units() == plan.removed_units()
+    with pytest.raises(ValueError, match="the draws are 0 to 2"):
+        compress(stories[0], 0.25, draw_ids, **settings(**fields, draw=3))
 
 
 @pytest.mark.parametrize("draws", [0, -1, 1.5, True])

@@ -27,7 +27,8 @@ def test_bad_config_is_refused_with_what_to_do(fields, message):
 
 
 @pytest.mark.parametrize("fields", [{"granularity": "block"}, {"step": 0}, {"step": 0.9}, {"contiguous": 1},
-                                    {"score_samples": 0}, {"shortlist": -1}, {"batch_size": 2.0}])
+                                    {"score_samples": 0}, {"shortlist": -1}, {"batch_size": 2.0},
+                                    {"draw": -1}, {"draw": 1.0}])
 def test_bad_options_are_refused(fields):
     with pytest.raises(ValueError, match=next(iter(fields))):
         DevOptions(**fields)

@@ -5,7 +5,9 @@ held-out losses, the final fitting walk; peak resident memory.
 [--out bench/results/compress_profile]` compresses the embedded SmolLM2-135M-Instruct with
 compress's defaults (text sampled from the model without --calib) and writes the breakdown as JSON
 (and markdown with --out). The phases are timed by wrapping the functions that do them, so the
-package carries no timing code.
+package carries no timing code. `--set draw=N` runs only compress's draw N (what it is in a full
+compress); `--float32` turns bf16 matmuls off where the machine has them, as on a CPU without bf16
+units, to show what their rounding changes.
 """
 from __future__ import annotations
 
@@ -63,10 +65,20 @@ def settings(items: list[str]):
 
     from subfit.config import DevOptions, SubFitConfig
 
-    overrides = {k: json.loads(v) for k, v in (item.split("=", 1) for item in items)}
-    config_fields = {f.name for f in fields(SubFitConfig)}
+    config_fields, dev_fields = ({f.name for f in fields(c)} for c in (SubFitConfig, DevOptions))
+    known = ", ".join(sorted(config_fields | dev_fields))
+    overrides = {}
+    for item in items:
+        name, _, value = item.partition("=")
+        if name not in config_fields | dev_fields:
+            raise ValueError(f"--set {item}: no field {name!r}; the fields are {known}.")
+        try:
+            overrides[name] = json.loads(value)
+        except ValueError:
+            raise ValueError(f"--set {item}: give the value in JSON, e.g. {name}=3, {name}=0.01, {name}=null.") \
+                from None
     return (SubFitConfig(**{k: v for k, v in overrides.items() if k in config_fields}),
-            DevOptions(**{k: v for k, v in overrides.items() if k not in config_fields}))
+            DevOptions(**{k: v for k, v in overrides.items() if k in dev_fields}))
 
 
 def main(argv: list[str]) -> int:
@@ -78,12 +90,16 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--save", default=None, help="folder to save the plans in (one per level)")
     parser.add_argument("--set", nargs="*", default=[], metavar="FIELD=VALUE",
                         help="SubFitConfig / DevOptions fields, e.g. selection_draws=1 (default: compress's defaults)")
+    parser.add_argument("--float32", action="store_true", help="no bf16 matmuls, as on a CPU without bf16 units")
     args = parser.parse_args(argv)
     import torch
 
     if args.threads:
         torch.set_num_threads(args.threads)
-    from subfit import calibration, compression, models, selection
+    from subfit import calibration, compression, hardware, models, selection
+
+    if args.float32:
+        hardware.fast_bf16 = lambda device: False  # the walks', fits' and losses' bf16 decisions all go through it
 
     phases: dict[str, list[float]] = {}
     memory = MemoryByPhase()
@@ -92,7 +108,10 @@ def main(argv: list[str]) -> int:
     timed(selection, "output_effects", "output-KL probes", phases, memory)
     timed(compression, "mean_token_loss", "draws' held-out loss", phases, memory)
     timed(compression, "_fit_bypasses", "final fitting walk", phases, memory)
-    config, dev = settings(args.set)
+    try:
+        config, dev = settings(args.set)
+    except ValueError as e:  # before the model loads
+        parser.error(str(e))
     start = time.perf_counter()
     faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
     memory.phase = "model load"
@@ -109,6 +128,7 @@ def main(argv: list[str]) -> int:
     result = {
         "command": "python bench/compress/profile_compress.py " + " ".join(argv),
         "machine": f"{platform.machine()}, {torch.get_num_threads()} torch threads, torch {torch.__version__}",
+        "bf16_matmuls": hardware.fast_bf16("cpu"),
         "load_s": loaded - start, "compress_s": total,
         "phases": {k: {"seconds": sum(v), "calls": len(v)} for k, v in phases.items()},
         "peak_rss_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20,
