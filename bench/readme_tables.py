@@ -32,24 +32,24 @@ def _retention(row: dict | None) -> str:
 
 
 def quality_table() -> str:
-    """SubFit's default (three selection draws, `default_draws_smollm2.md`) against the baseline
-    with the lowest perplexity at each level, from the sweep (128 calibration windows) or
-    ReplaceMe-LS re-fitted on SubFit's 272."""
+    """compress's default at each level (`quality_smollm2.json`: one `compress_levels` call, 300
+    examples per task) against the baseline with the lowest perplexity at that level, from the
+    sweep (128 calibration windows) or ReplaceMe-LS re-fitted on SubFit's 272 (100 examples, 300
+    where measured)."""
+    ours = {r["level"]: r for r in _rows("quality_smollm2.json") if r["method"] == "subfit"}
     sweep = [r for r in _rows("sweep_smollm2.json") if r["method"] in BASELINES and "error" not in r]
-    lines = ["| target | SubFit: exact sparsity | WikiText-2, x dense | 5-task retention, 100 (300) examples "
+    lines = ["| target | SubFit: exact sparsity | WikiText-2, x dense | 5-task retention, 300 examples "
              "| best baseline (exact sparsity) | WikiText-2, x dense | 5-task retention, 100 (300) examples |",
              "|---|---:|---:|---:|---|---:|---:|"]
     for level in LEVELS:
-        draws = _rows(f"draws3_{_tag(level)}_smollm2.json")
+        refit = [r for r in _rows(f"draws3_{_tag(level)}_smollm2.json") if r["method"] in BASELINES]
         more = {r["method"]: r for r in _rows(f"draws3_{_tag(level)}_300_smollm2.json")}
-        ours = next(r for r in draws if r["method"] == "subfit")
-        candidates = [r for r in sweep if r["level"] == level] + [r for r in draws if r["method"] in BASELINES]
-        best = min(candidates, key=lambda r: r["ppl_ratio"])
+        best = min([r for r in sweep if r["level"] == level] + refit, key=lambda r: r["ppl_ratio"])
+        row = ours[level]
         lines.append(
-            f"| {level:.2%} | {ours['sparsity']:.3f} | **{ours['ppl_ratio']:.2f}x** | "
-            f"{_retention(ours)} ({_retention(more.get('subfit'))}) | {NAMES[best['method']]} ({best['sparsity']:.3f}) | "
-            f"{best['ppl_ratio']:.2f}x | {_retention(best)} "
-            f"({_retention(more.get(best['method']) if best in draws else None)}) |")
+            f"| {level:.2%} | {row['sparsity']:.3f} | **{row['ppl_ratio']:.2f}x** | {_retention(row)} | "
+            f"{NAMES[best['method']]} ({best['sparsity']:.3f}) | {best['ppl_ratio']:.2f}x | {_retention(best)} "
+            f"({_retention(more.get(best['method']) if best in refit else None)}) |")
     return "\n".join(lines)
 
 

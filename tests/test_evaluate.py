@@ -105,6 +105,30 @@ def test_committed_plans_compare_on_the_same_examples_with_a_paired_error(capsys
     assert len(printed) == 5 and printed == pytest.approx(expected, abs=0.051)
 
 
+def test_compare_evals_pairs_give_each_difference_and_two_errors_of_their_mean(capsys):
+    """`--pairs` on committed reports of two codes' 37.5% plans at three seeds: the mean is that of
+    the pairs' paired differences, its error from the examples combines theirs, its error between
+    pairs is their standard deviation over the square root of three; an odd count is refused."""
+    sys.path.insert(0, str(ROOT / "bench" / "compress"))
+    from compare_evals import DENSE, against_first, load_dense, load_report, main, over_pairs
+
+    dense = load_dense(DENSE)
+    paths = [str(ROOT / "bench" / "results" / f"eval_375_seed{s}{code}.json") for s in (0, 1, 3) for code in ("_earlier", "")]
+    reports = [load_report(path) for path in paths]
+    pairs = [against_first(reports[i + 1], reports[i], dense) for i in (0, 2, 4)]
+    diffs = [p["mean_retention_diff"] for p in pairs]
+    lines, summary = over_pairs(paths, reports, dense)
+    assert summary["mean_retention_diff"] == pytest.approx(statistics.mean(diffs))
+    assert summary["stderr_between_pairs"] == pytest.approx(statistics.stdev(diffs) / math.sqrt(3))
+    assert summary["stderr_from_examples"] == pytest.approx(
+        math.sqrt(sum(p["mean_retention_diff_stderr"] ** 2 for p in pairs)) / 3)
+    assert len(set(diffs)) == 3 and len(lines) == 2 + 3 + 1
+    assert main(paths + ["--pairs"]) == 0 and "mean of 3 pairs" in capsys.readouterr().out
+    with pytest.raises(SystemExit):
+        main(paths[:3] + ["--pairs"])
+    assert "two or more pairs" in capsys.readouterr().err
+
+
 def test_compare_evals_refuses_a_file_that_is_not_an_eval_report(tmp_path, capsys):
     sys.path.insert(0, str(ROOT / "bench" / "compress"))
     from compare_evals import main
@@ -148,3 +172,39 @@ def test_detokenize_wikitext_undoes_the_raw_format_and_keeps_an_existing_file(tm
     with pytest.raises(SystemExit):
         main([str(raw), str(out)])
     assert "already exists" in capsys.readouterr().err and out.read_text() == "kept"
+
+
+def test_plan_divergence_is_nothing_for_a_keep_all_plan_and_the_loss_for_a_compressed_one(
+        stories_dir, stories, small_plan, tmp_path, capsys, one_thread):
+    """`bench/compress/plan_divergence.py` on text sampled from stories260K: a plan that keeps
+    everything lies nowhere from the dense model; a compressed plan's KL is positive and its loss
+    is the mean next-token loss its own logits give, computed here separately."""
+    import json
+
+    import torch
+
+    sys.path.insert(0, str(ROOT / "bench" / "compress"))
+    from plan_divergence import main, scoring_text
+
+    from subfit.models import Decoder
+    from subfit.plan import Plan
+
+    model, tokenizer, source = stories
+    keep_all, compressed = tmp_path / "keep_all", tmp_path / "compressed"
+    Plan.empty(Decoder(model), source).save(keep_all)
+    small_plan.save(compressed)
+    args = [str(keep_all), str(compressed), "--model", str(stories_dir), "--text", "self", "--seed", "5",
+            "--samples", "3", "--length", "40"]
+    assert main(args + ["--json", str(tmp_path / "d.json")]) == 0
+    plans = json.loads((tmp_path / "d.json").read_text())["plans"]
+    assert plans[str(keep_all)]["kl"] == pytest.approx(0.0, abs=1e-6)
+    assert plans[str(compressed)]["kl"] > 1e-3
+    ids = scoring_text(model, tokenizer, "self", None, 5, 3, 40)
+    with torch.no_grad():
+        logits = ReferenceModel(model, small_plan)(ids)[:, :-1].float()
+    loss = torch.nn.functional.cross_entropy(logits.flatten(0, 1), ids[:, 1:].flatten())
+    assert plans[str(compressed)]["nll"] == pytest.approx(float(loss), rel=2e-2)  # bf16 matmuls in the tool
+    assert f"| {compressed} | " in capsys.readouterr().out
+    with pytest.raises(SystemExit):
+        main([str(compressed), "--text", "held-out"])
+    assert "give --calib FILE" in capsys.readouterr().err

@@ -6,7 +6,11 @@ the dense accuracies, with one standard error); then each other report against t
 perplexity ratio (standard error of its log, windows as the units) and the retention difference
 with its paired standard error, from the per-example differences. Two plans get most examples alike,
 so the paired error is smaller than either plan's own; a difference inside two of them is not
-resolved by these examples. `--per-task` adds each task's paired difference. `--dense` is the
+resolved by these examples. `--per-task` adds each task's paired difference. `--pairs` reads the
+reports as pairs (FIRST_1 OTHER_1 FIRST_2 OTHER_2 ...: say two codes' plans at several seeds) and
+prints each pair's retention difference and their mean, with its error from the examples and its
+error from how far the pairs disagree: when plans rest on near-ties, the seed, not the example, is
+what repeats, and only the second error says whether another seed would agree. `--dense` is the
 sweep's results (raw WikiText-2 and the tasks, the default) or a `subfit eval --json` report of the
 dense model on the reports' text.
 """
@@ -117,19 +121,47 @@ def per_task_table(paths: list[str], reports: list[dict], dense: dict) -> list[s
     return lines
 
 
+def over_pairs(paths: list[str], reports: list[dict], dense: dict) -> tuple[list[str], dict]:
+    """Each (first, other) pair's paired retention difference, and their mean with two standard
+    errors: from the examples (the pairs' paired errors combined) and between the pairs (their
+    spread over the square root of their number)."""
+    if len(reports) < 4 or len(reports) % 2 or not dense["tasks"]:
+        raise ValueError("--pairs needs two or more pairs of reports (FIRST_1 OTHER_1 FIRST_2 OTHER_2 ...) that "
+                         "scored tasks, and a --dense with task accuracies.")
+    lines = ["| first | other | retention difference (paired) |", "|---|---|---:|"]
+    diffs, errors = [], []
+    for i in range(0, len(reports), 2):
+        paired = against_first(reports[i + 1], reports[i], dense)
+        diffs.append(paired["mean_retention_diff"])
+        errors.append(paired["mean_retention_diff_stderr"])
+        lines.append(f"| {paths[i]} | {paths[i + 1]} | {diffs[-1]:+.1f} ± {errors[-1]:.1f} points |")
+    n, mean = len(diffs), sum(diffs) / len(diffs)
+    summary = {"pairs": n, "mean_retention_diff": mean,
+               "stderr_from_examples": math.sqrt(sum(e * e for e in errors)) / n,
+               "stderr_between_pairs": math.sqrt(sum((d - mean) ** 2 for d in diffs) / (n - 1) / n)}
+    lines.append("| mean of {pairs} pairs | | {mean_retention_diff:+.1f} ± {stderr_from_examples:.1f} (examples) "
+                 "± {stderr_between_pairs:.1f} (between pairs) points |".format(**summary))
+    return lines, summary
+
+
 def main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("reports", nargs="+", help="`subfit eval --json` reports; the first is the reference")
     parser.add_argument("--dense", default=str(DENSE),
                         help="the sweep's results, or a `subfit eval --json` report of the dense model")
     parser.add_argument("--per-task", action="store_true", help="also each task's paired retention difference")
+    parser.add_argument("--pairs", action="store_true",
+                        help="the reports are pairs (FIRST OTHER ...): each pair's difference and their mean")
     args = parser.parse_args(argv)
     try:
         dense = load_dense(args.dense)
         reports = [load_report(path) for path in args.reports]
         check_same_text(reports, dense)
-        lines = table(args.reports, reports, dense)
-        if args.per_task:
+        if args.pairs:
+            lines = over_pairs(args.reports, reports, dense)[0]
+        else:
+            lines = table(args.reports, reports, dense)
+        if args.per_task and not args.pairs:
             lines += [""] + per_task_table(args.reports, reports, dense)
     except ValueError as e:
         parser.error(str(e))
