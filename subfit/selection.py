@@ -13,9 +13,9 @@ from dataclasses import dataclass
 
 import torch
 
+from subfit import hardware
 from subfit.config import VALIDATION_SAMPLES
 from subfit.fitting import LinearFit, reduced_rank_fit, shared_basis
-from subfit import hardware
 from subfit.memory import release_freed_memory
 from subfit.models import UNIT_KINDS, Decoder
 from subfit.plan import Bypass, Plan

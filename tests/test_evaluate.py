@@ -178,7 +178,8 @@ def test_plan_divergence_is_nothing_for_a_keep_all_plan_and_the_loss_for_a_compr
         stories_dir, stories, small_plan, tmp_path, capsys, one_thread):
     """`bench/compress/plan_divergence.py` on text sampled from stories260K: a plan that keeps
     everything lies nowhere from the dense model; a compressed plan's KL is positive and its loss
-    is the mean next-token loss its own logits give, computed here separately."""
+    is the mean next-token loss its own logits give, computed here separately; a missing --calib
+    and a folder that holds no plan are refused with what to give."""
     import json
 
     import torch
@@ -208,3 +209,6 @@ def test_plan_divergence_is_nothing_for_a_keep_all_plan_and_the_loss_for_a_compr
     with pytest.raises(SystemExit):
         main([str(compressed), "--text", "held-out"])
     assert "give --calib FILE" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main([str(tmp_path), "--model", str(stories_dir), "--text", "self"])
+    assert str(tmp_path) in capsys.readouterr().err  # not a plan folder: named, no traceback

@@ -20,6 +20,7 @@ import torch
 
 from subfit import calibration, models
 from subfit.config import SubFitConfig
+from subfit.evaluation import perplexity
 from subfit.hardware import bf16_matmuls
 from subfit.plan import Plan
 from subfit.reference import ReferenceModel
@@ -36,23 +37,17 @@ def scoring_text(model, tokenizer, text: str, calib: str | None, seed: int, samp
     return validation_split(ids, config.selection_draws, seed)[1]
 
 
-@torch.no_grad()
-def divergence(model, plans: dict[str, Plan], ids: torch.Tensor) -> dict[str, dict[str, float]]:
-    """Next-token loss and KL(dense || plan), both per predicted token, one sequence at a time."""
-    dense = ReferenceModel(model)
-    compressed = {name: ReferenceModel(model, plan) for name, plan in plans.items()}
-    sums = {name: {"nll": 0.0, "kl": 0.0} for name in plans}
+def divergence(dense: ReferenceModel, plans: dict[str, ReferenceModel], ids: torch.Tensor) -> dict[str, dict[str, float]]:
+    """Next-token loss and KL(dense || plan), both per predicted token: `evaluation.perplexity`
+    with the dense model beside it, one window per sequence."""
+    results = {}
     with bf16_matmuls("cpu"):
-        for row in ids:
-            row = row[None]
-            target = row[:, 1:, None]
-            reference = torch.log_softmax(dense(row)[:, :-1].float(), -1)
-            for name, m in compressed.items():
-                logp = torch.log_softmax(m(row)[:, :-1].float(), -1)
-                sums[name]["nll"] -= float(logp.gather(-1, target).sum())
-                sums[name]["kl"] += float((reference.exp() * (reference - logp)).sum())
-    tokens = ids.shape[0] * (ids.shape[1] - 1)
-    return {name: {k: v / tokens for k, v in s.items()} for name, s in sums.items()}
+        for name, compressed in plans.items():
+            scored = [perplexity(compressed, row, window=row.numel(), dense_fn=dense, progress=False) for row in ids]
+            tokens = sum(s["tokens"] for s in scored)
+            results[name] = {"nll": sum(sum(s["window_nll"]) for s in scored) / tokens,
+                             "kl": sum(s["kl"] * s["tokens"] for s in scored) / tokens}
+    return results
 
 
 def main(argv: list[str]) -> int:
@@ -68,10 +63,14 @@ def main(argv: list[str]) -> int:
     args = parser.parse_args(argv)
     if args.text == "held-out" and not args.calib:
         parser.error("--text held-out scores the sequences compress held out of its calibration: give --calib FILE.")
-    plans = {path: Plan.load(path) for path in args.plans}
-    model, tokenizer, _ = models.load(args.model)
-    ids = scoring_text(model, tokenizer, args.text, args.calib, args.seed, args.samples, args.length)
-    results = divergence(model, plans, ids)
+    try:  # a bad plan, model, calibration file or size: say what, before any scoring
+        loaded = {path: Plan.load(path) for path in args.plans}
+        model, tokenizer, _ = models.load(args.model)
+        plans = {path: ReferenceModel(model, plan) for path, plan in loaded.items()}  # checks each plan's base
+        ids = scoring_text(model, tokenizer, args.text, args.calib, args.seed, args.samples, args.length)
+    except (ValueError, OSError) as e:
+        parser.error(str(e))
+    results = divergence(ReferenceModel(model), plans, ids)
     print(f"| plan | next-token loss, nats | KL(dense || plan), nats |  ({args.text} text, {ids.shape[0]} x {ids.shape[1]} tokens)")
     print("|---|---:|---:|")
     for name, r in results.items():
