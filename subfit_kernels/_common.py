@@ -25,19 +25,48 @@ def use_triton(tensor: torch.Tensor, backend: Backend = None) -> bool:
     backend=None picks Triton for CUDA tensors, and for CPU tensors when TRITON_INTERPRET=1 was set
     before subfit_kernels was imported; "triton" forces the kernel, "reference" the reference.
     """
-    can_run = tensor.is_cuda or (INTERPRET and tensor.device.type == "cpu")
-    if backend is None:
-        return can_run
+    interpreted = INTERPRET and tensor.device.type == "cpu"
+    can_run = tensor.is_cuda or interpreted
+    if backend not in (None, "triton", "reference"):
+        raise ValueError(f"backend must be 'triton', 'reference' or None (automatic), got {backend!r}")
     if backend == "reference":
         return False
-    if backend == "triton":
-        if not can_run:
-            raise ValueError(
-                f"backend='triton' cannot run on {tensor.device} tensors: use CUDA tensors, or set "
-                "TRITON_INTERPRET=1 before importing subfit_kernels to run the kernels on CPU (slowly)"
-            )
-        return True
-    raise ValueError(f"backend must be 'triton', 'reference' or None (automatic), got {backend!r}")
+    if backend == "triton" and not can_run:
+        raise ValueError(
+            f"backend='triton' cannot run on {tensor.device} tensors: use CUDA tensors, or set "
+            "TRITON_INTERPRET=1 before importing subfit_kernels to run the kernels on CPU (slowly)"
+        )
+    if interpreted and INTERPRETER_PROBLEM:
+        raise RuntimeError(INTERPRETER_PROBLEM)
+    return can_run
+
+
+def _release(version: str) -> tuple[int, int]:
+    major, minor = (version.split("+")[0].split(".") + ["0"])[:2]
+    return int(major), int("".join(c for c in minor if c.isdigit()) or 0)
+
+
+def interpreter_problem(triton_version: Optional[str] = None, numpy_version: Optional[str] = None) -> Optional[str]:
+    """Why Triton's interpreter cannot run our kernels with the installed Triton and NumPy, else None.
+
+    Before Triton 3.7 the interpreter turns a loop bound computed from program_id into an int with
+    int() of a one-element array, which NumPy 2.4 made an error: every split kernel would fail with a
+    TypeError from deep inside the interpreter. Compiled (CUDA) kernels are unaffected.
+    """
+    if triton_version is None or numpy_version is None:
+        import numpy
+        import triton
+
+        triton_version, numpy_version = triton.__version__, numpy.__version__
+    if _release(triton_version) < (3, 7) and _release(numpy_version) >= (2, 4):
+        return (f"Triton {triton_version}'s interpreter (TRITON_INTERPRET=1) cannot run these kernels with "
+                f"NumPy {numpy_version}: install NumPy < 2.4 (pip install 'numpy<2.4') or Triton >= 3.7, "
+                "or run on a CUDA device")
+    return None
+
+
+# read once, at import: use_triton runs inside torch.compile'd code, which should see a constant
+INTERPRETER_PROBLEM: Optional[str] = interpreter_problem() if INTERPRET else None
 
 
 def check_float(name: str, t: torch.Tensor, dtypes: tuple[torch.dtype, ...] = FLOAT_DTYPES, why: str = "") -> None:

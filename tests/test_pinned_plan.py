@@ -2,15 +2,19 @@
 units and a fingerprint of every bypass tensor are pinned in tests/data/pinned_plan_stories260k.json.
 
 The fingerprint is three float64 moments per tensor (sum, sum of squares, index-weighted sum),
-compared to a relative 1e-6: bitwise checksums would differ between thread counts and BLAS builds,
-while any change of the algorithm moves them by far more. A deliberate change of the algorithm
-re-pins with `python tests/test_pinned_plan.py` (and says why in its commit)."""
+compared to a relative 1e-6. The pin holds for the torch release and thread count it was made with
+(recorded beside it): other float kernels and reduction orders move the activations the statistics
+are gathered from, and the move grows through the fitted blocks (torch 2.11 against 2.13: 1e-5 in
+the fourth block's bypass, 0.7% in the fifth's; at one thread the 25% units change, as this tiny
+model's scores nearly tie). Elsewhere the test skips and says so. A deliberate change of the
+algorithm re-pins with `python tests/test_pinned_plan.py` (and says why in its commit)."""
 from __future__ import annotations
 
 import json
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 
 PINNED = Path(__file__).parent / "data" / "pinned_plan_stories260k.json"
@@ -36,11 +40,19 @@ def fingerprint(plan) -> dict:
     return {"removed": plan.removed_units(), "tensors": tensors}
 
 
+def environment() -> dict:
+    """What the pin depends on besides the algorithm: the torch release and the thread count."""
+    return {"torch": ".".join(torch.__version__.split("+")[0].split(".")[:2]), "threads": torch.get_num_threads()}
+
+
 def test_same_inputs_and_seed_give_the_pinned_plan(stories, tinystories_file, tmp_path):
+    expected = json.loads(PINNED.read_text())
+    if expected["environment"] != environment():
+        pytest.skip(f"the plan is pinned for {expected['environment']}, this is {environment()}: to check a "
+                    "refactor here, pin before it with `python tests/test_pinned_plan.py` (a local pin, not to commit)")
     model, tokenizer, _ = stories
     text = tmp_path / "stories.txt"
     text.write_text(tinystories_file.read_text()[:120_000])
-    expected = json.loads(PINNED.read_text())
     for level, plan in zip(LEVELS, make_plans(model, tokenizer, text)):
         got, want = fingerprint(plan), expected[str(level)]
         assert got["removed"] == want["removed"], f"level {level}: units changed"
@@ -59,6 +71,6 @@ if __name__ == "__main__":  # re-pin after a deliberate change of the algorithm
     scratch = Path("/tmp/pinned_stories.txt")
     scratch.write_text(TINYSTORIES.read_text()[:120_000])
     PINNED.parent.mkdir(exist_ok=True)
-    PINNED.write_text(json.dumps({str(l): fingerprint(p) for l, p in zip(LEVELS, make_plans(model, tokenizer, scratch))},
-                                 indent=1) + "\n")
+    pinned = {str(l): fingerprint(p) for l, p in zip(LEVELS, make_plans(model, tokenizer, scratch))}
+    PINNED.write_text(json.dumps({"environment": environment(), **pinned}, indent=1) + "\n")
     print(f"pinned {PINNED}")
