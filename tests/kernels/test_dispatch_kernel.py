@@ -24,7 +24,6 @@ def test_use_triton(monkeypatch):
         _common.use_triton(cpu, "cuda")
 
 
-
 @pytest.mark.parametrize("triton_version, numpy_version, refused", [
     ("3.6.0", "2.4.0", True), ("3.6.0", "2.4.0rc1", True), ("3.5.1", "2.5.2", True),
     ("3.6.0", "2.3.5", False), ("3.7.0", "2.4.0", False), ("3.9.0+git1a2b", "2.4.6", False),
@@ -35,6 +34,7 @@ def test_interpreter_refuses_triton_and_numpy_that_cannot_run_together(triton_ve
         assert f"Triton {triton_version}'s interpreter" in problem and "numpy<2.4" in problem
     else:
         assert problem is None
+
 
 def test_cpu_without_interpreter_runs_the_references(monkeypatch):
     """Every public op falls back to its reference; a kernel launch would fail the test."""
