@@ -20,6 +20,7 @@ setup(
         "gguf>=0.10",
         "datasets>=2.19",
         "safetensors>=0.4",
+        "packaging>=21",  # subfit_kernels reads the Triton and NumPy versions
         "tqdm>=4.66",
         "rich>=13",
         "ninja>=1.11",  # builds the CPU decode kernels (subfit/runtime/cpu_kernels.py) on first use

@@ -9,6 +9,7 @@ import os
 from typing import Literal, Optional
 
 import torch
+from packaging.version import Version
 
 Backend = Optional[Literal["triton", "reference"]]
 
@@ -41,11 +42,6 @@ def use_triton(tensor: torch.Tensor, backend: Backend = None) -> bool:
     return can_run
 
 
-def _release(version: str) -> tuple[int, int]:
-    major, minor = (version.split("+")[0].split(".") + ["0"])[:2]
-    return int(major), int("".join(c for c in minor if c.isdigit()) or 0)
-
-
 def interpreter_problem(triton_version: Optional[str] = None, numpy_version: Optional[str] = None) -> Optional[str]:
     """Why Triton's interpreter cannot run our kernels with the installed Triton and NumPy, else None.
 
@@ -58,7 +54,7 @@ def interpreter_problem(triton_version: Optional[str] = None, numpy_version: Opt
         import triton
 
         triton_version, numpy_version = triton.__version__, numpy.__version__
-    if _release(triton_version) < (3, 7) and _release(numpy_version) >= (2, 4):
+    if Version(triton_version).release[:2] < (3, 7) and Version(numpy_version).release[:2] >= (2, 4):
         return (f"Triton {triton_version}'s interpreter (TRITON_INTERPRET=1) cannot run these kernels with "
                 f"NumPy {numpy_version}: install NumPy < 2.4 (pip install 'numpy<2.4') or Triton >= 3.7, "
                 "or run on a CUDA device")

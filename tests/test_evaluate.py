@@ -108,7 +108,8 @@ def test_committed_plans_compare_on_the_same_examples_with_a_paired_error(capsys
 def test_compare_evals_pairs_give_each_difference_and_two_errors_of_their_mean(capsys):
     """`--pairs` on committed reports of two codes' 37.5% plans at three seeds: the mean is that of
     the pairs' paired differences, its error from the examples combines theirs, its error between
-    pairs is their standard deviation over the square root of three; an odd count is refused."""
+    pairs is their standard deviation over the square root of three; an odd count, or --per-task
+    beside --pairs, is refused."""
     sys.path.insert(0, str(ROOT / "bench" / "compress"))
     from compare_evals import DENSE, against_first, load_dense, load_report, main, over_pairs
 
@@ -127,6 +128,9 @@ def test_compare_evals_pairs_give_each_difference_and_two_errors_of_their_mean(c
     with pytest.raises(SystemExit):
         main(paths[:3] + ["--pairs"])
     assert "two or more pairs" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(paths + ["--pairs", "--per-task"])
+    assert "give one" in capsys.readouterr().err
 
 
 def test_compare_evals_refuses_a_file_that_is_not_an_eval_report(tmp_path, capsys):

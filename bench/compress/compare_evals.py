@@ -153,6 +153,8 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--pairs", action="store_true",
                         help="the reports are pairs (FIRST OTHER ...): each pair's difference and their mean")
     args = parser.parse_args(argv)
+    if args.pairs and args.per_task:
+        parser.error("--per-task compares every report with the first; --pairs compares within pairs: give one.")
     try:
         dense = load_dense(args.dense)
         reports = [load_report(path) for path in args.reports]
@@ -161,7 +163,7 @@ def main(argv: list[str]) -> int:
             lines = over_pairs(args.reports, reports, dense)[0]
         else:
             lines = table(args.reports, reports, dense)
-        if args.per_task and not args.pairs:
+        if args.per_task:
             lines += [""] + per_task_table(args.reports, reports, dense)
     except ValueError as e:
         parser.error(str(e))

@@ -39,14 +39,20 @@ def scoring_text(model, tokenizer, text: str, calib: str | None, seed: int, samp
 
 def divergence(dense: ReferenceModel, plans: dict[str, ReferenceModel], ids: torch.Tensor) -> dict[str, dict[str, float]]:
     """Next-token loss and KL(dense || plan), both per predicted token: `evaluation.perplexity`
-    with the dense model beside it, one window per sequence."""
-    results = {}
+    with the dense model beside it, one window per sequence; the dense logits of a sequence are
+    computed once and shared by every plan."""
+    scored = {name: [] for name in plans}
     with bf16_matmuls("cpu"):
-        for name, compressed in plans.items():
-            scored = [perplexity(compressed, row, window=row.numel(), dense_fn=dense, progress=False) for row in ids]
-            tokens = sum(s["tokens"] for s in scored)
-            results[name] = {"nll": sum(sum(s["window_nll"]) for s in scored) / tokens,
-                             "kl": sum(s["kl"] * s["tokens"] for s in scored) / tokens}
+        for row in ids:
+            dense_logits = dense(row[None])
+            for name, compressed in plans.items():
+                scored[name].append(perplexity(compressed, row, window=row.numel(),
+                                               dense_fn=lambda _: dense_logits, progress=False))
+    results = {}
+    for name, rows in scored.items():
+        tokens = sum(r["tokens"] for r in rows)
+        results[name] = {"nll": sum(sum(r["window_nll"]) for r in rows) / tokens,
+                         "kl": sum(r["kl"] * r["tokens"] for r in rows) / tokens}
     return results
 
 
